@@ -1,0 +1,51 @@
+# conceptdistill: `make demo` runs the whole method on the shapes world; `make test` runs the tests.
+# Both create the virtual environment from nothing when it is missing (pinned by requirements.lock).
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN := $(PY) -m conceptdistill
+EXPERIMENTS ?= shapes
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow demo reproduce world-model bench lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with the pinned versions (only when missing or out of date)
+
+test: $(STAMP)  ## the default test run (slow tests excluded)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)  ## only the slow tests (DDP on two CPU processes, the full demo)
+	$(PY) -m pytest -m slow
+
+demo: $(STAMP)  ## the whole method on the shapes world, on the CPU (rerun to resume)
+	$(RUN) hydra.run.dir=runs/demo
+
+reproduce: $(STAMP)  ## rerun the recorded experiments and refresh experiments/<name>/
+	@for name in $(EXPERIMENTS); do \
+		$(RUN) +experiment=$$name hydra.run.dir=runs/reproduce/$$name logger=csv || exit 1; \
+		mkdir -p experiments/$$name && cp runs/reproduce/$$name/report/* experiments/$$name/; \
+	done
+
+world-model: $(STAMP)  ## retrain the shapes world's diffusion model and install it in the package
+	$(RUN) stages=[world] hydra.run.dir=runs/world-model $(WORLD_ARGS)
+	rm -rf conceptdistill/assets/shapes_world
+	cp -r runs/world-model/world/pipeline conceptdistill/assets/shapes_world
+
+bench: $(STAMP)  ## stage throughput benchmarks, recorded in experiments/benchmarks/
+	$(PY) experiments/benchmarks/bench_stages.py
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check conceptdistill tests experiments
+
+clean:  ## remove run folders (not the environment)
+	rm -rf runs outputs multirun
