@@ -1,0 +1,1 @@
+"""Small helpers shared by all stages: atomic file writing, per-sample seeding, logging."""

@@ -1,0 +1,91 @@
+"""File I/O shared by the stages.
+
+Everything a stage writes goes through `atomic_write`, so an interrupted run never leaves a half-written file
+that a resumed run would mistake for finished work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside `path`; on success rename it onto `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_write(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)
+        handle.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_mask_png(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """Save a boolean (H, W) mask as a black/white 8-bit PNG that any image viewer opens."""
+    image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
+    with atomic_write(path) as handle:
+        image.save(handle, format="PNG")
+
+
+def load_mask_png(path: str | os.PathLike) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L")) > 127
+
+
+def save_image_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Save an RGB image given as float (H, W, 3) in [0, 1] or uint8."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    with atomic_write(path) as handle:
+        Image.fromarray(array, mode="RGB").save(handle, format="PNG")
+
+
+def load_image_png(path: str | os.PathLike) -> np.ndarray:
+    """Load an image as float32 (H, W, 3) in [0, 1]."""
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Save a float map compactly (float16 .npy; attention maps need no more precision)."""
+    with atomic_write(path) as handle:
+        np.save(handle, np.asarray(array, dtype=np.float16))
+
+
+def load_array(path: str | os.PathLike) -> np.ndarray:
+    return np.load(path).astype(np.float32)

@@ -1,0 +1,41 @@
+"""Per-sample randomness.
+
+Every random draw that belongs to one sample (noise for its attention maps, its inpainting, a synthetic
+image) comes from a generator seeded by (run seed, sample id). Results then do not depend on the number of
+devices, the batch size or the order in which samples are processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def sample_seed(seed: int, sample_id: str | int, salt: str = "") -> int:
+    """A stable 63-bit seed for one sample; `salt` separates independent streams (e.g. 'masks', 'inpaint')."""
+    digest = hashlib.sha256(f"{seed}/{salt}/{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generator(seed: int, sample_id: str | int, salt: str = "", device: str | torch.device = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(sample_seed(seed, sample_id, salt))
+    return generator
+
+
+def sample_generators(seed: int, sample_ids: list[str], salt: str = "") -> list[torch.Generator]:
+    """One CPU generator per sample; keep them across steps to draw that sample's successive noises."""
+    return [sample_generator(seed, sid, salt) for sid in sample_ids]
+
+
+def randn_per_sample(
+    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Stack of standard normal tensors of `shape`, one from each sample's generator.
+
+    Drawn on the CPU and moved, so the values are identical on every kind of device.
+    """
+    draws = [torch.randn(shape, generator=generator) for generator in generators]
+    return torch.stack(draws).to(device=device, dtype=dtype)
