@@ -1,0 +1,44 @@
+"""The diffusion layer: loading/saving latent diffusion models offline, tiny stand-ins, attention capture.
+
+Submodules (import them directly; this package does not import torch/diffusers until a name is used):
+
+- `loading`: `DiffusionParts`, `load_diffusion_parts`, `save_diffusion_parts`, `ModelNotFoundError`.
+- `latent`: `SpaceToDepthAutoencoder`, the lossless latent map of the shapes world.
+- `tokenizer`: `write_word_tokenizer`, `concept_token_indices`.
+- `tiny`: `build_tiny_parts`, random SD-shaped parts for tests.
+- `attention`: `AttentionStore`, `CapturingAttnProcessor`, `capture_cross_attention`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> submodule; resolved on first attribute access (PEP 562) so `import conceptdistill.diffusion` is cheap.
+_EXPORTS = {
+    "DiffusionParts": "loading",
+    "ModelNotFoundError": "loading",
+    "load_diffusion_parts": "loading",
+    "save_diffusion_parts": "loading",
+    "SpaceToDepthAutoencoder": "latent",
+    "write_word_tokenizer": "tokenizer",
+    "concept_token_indices": "tokenizer",
+    "build_tiny_parts": "tiny",
+    "AttentionStore": "attention",
+    "CapturingAttnProcessor": "attention",
+    "capture_cross_attention": "attention",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

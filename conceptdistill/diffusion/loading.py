@@ -1,0 +1,323 @@
+"""Loading and saving the parts of a Stable-Diffusion-style latent diffusion model, strictly offline.
+
+Every stage works with the same five parts (UNet, VAE, text encoder, tokenizer, noise scheduler) rather than a
+pipeline object, because stages 1 and 2 call the UNet directly. `DiffusionParts` bundles them with the few
+conversions every stage needs (pixels <-> scaled latents, prompts -> text embeddings).
+
+Weights are never downloaded here: `source` is a folder in diffusers layout or a hub id already in the local
+Hugging Face cache. The same code path loads real Stable Diffusion and the tiny random models the tests save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The parts of a diffusers-layout folder, and the file(s) whose presence shows each part is there.
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_CONFIG_FILES = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),  # any one of them
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The diffusion model's files are not on this machine (we never download them)."""
+
+
+def _not_found(source: str, problem: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"Could not load a diffusion model from {source!r}: {problem}. "
+        "Expected a local folder in diffusers layout (model_index.json plus the subfolders unet/, vae/, "
+        "text_encoder/, tokenizer/ and scheduler/, each with its config and weights), or a Hugging Face hub id "
+        "whose files are already in the local Hugging Face cache; nothing is downloaded. To provide one, on a "
+        "machine with internet run e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir "
+        "/path/to/stable-diffusion-v1-4` (accepting the model's licence on the hub first), copy the folder here, "
+        "and point the config at it with `model.path=/path/to/stable-diffusion-v1-4`."
+    )
+
+
+@dataclass
+class DiffusionParts:
+    """The five parts of a latent text-to-image diffusion model, plus the conversions all stages share.
+
+    The helpers run without gradient tracking: the VAE and text encoder are frozen in every stage of the method
+    (only the UNet is fine-tuned), and not storing their activations keeps training memory down.
+    """
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL or SpaceToDepthAutoencoder
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    scheduler: Any  # a diffusers scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_scale(self) -> float:
+        """Multiplier applied to VAE latents before they enter the UNet (0.18215 for SD 1.x)."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD), computed as diffusers pipelines do."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def unet_in_channels(self) -> int:
+        """UNet input channels: latent_channels, or more for an inpainting UNet (latent + mask + masked latent)."""
+        return int(self.unet.config.in_channels)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent at the UNet's configured sample size (4x64x64 for SD 1.x at 512 px)."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.latent_channels, int(h), int(w))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusionParts:
+        """Move (and optionally cast) the three networks in place; returns self for chaining."""
+        # Only pass what is given: diffusers' ModelMixin.to warns whenever a dtype keyword is present.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(**kwargs)
+        return self
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] -> scaled latents (B, C, H/f, W/f) on the UNet's device and dtype.
+
+        Uses the posterior mean unless ``sample=True`` (which draws from it, as SD's training scripts do).
+        """
+        x = images.to(device=self.vae.device, dtype=self.vae.dtype) * 2.0 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        latents = dist.sample(generator=generator) if sample else dist.mode()
+        return (latents * self.latent_scale).to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, H, W) float32 images in [0, 1]."""
+        z = latents.to(device=self.vae.device, dtype=self.vae.dtype) / self.latent_scale
+        images = self.vae.decode(z).sample
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def tokenize(self, prompts: list[str] | str) -> torch.Tensor:
+        """Token ids (B, model_max_length), padded and truncated as Stable Diffusion does."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def encode_prompts(self, prompts: list[str] | str, *, grad: bool = False) -> torch.Tensor:
+        """Prompts -> text embeddings (B, L, D): the text encoder's last hidden state, the UNet's context.
+
+        Without gradients unless `grad` (only the shapes world's own model trains its text encoder).
+        """
+        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            embeddings = self.text_encoder(ids)[0]
+        return embeddings.to(device=self.device, dtype=self.dtype)
+
+
+def register_parts(module: torch.nn.Module, parts: DiffusionParts) -> None:
+    """Make the parts' networks submodules of a LightningModule, so that Lightning moves them to its device
+    (each DDP rank to its own GPU) and `parts.device` follows."""
+    module.unet = parts.unet
+    module.vae = parts.vae
+    module.text_encoder = parts.text_encoder
+
+
+def _resolve_source(source: str, revision: str | None, local_files_only: bool) -> Path:
+    """A local folder for `source`: the folder itself, or the hub id's snapshot in the local HF cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    # Only "name" or "owner/name" can be a hub id; anything else (absolute, ./relative, deeper paths) is a
+    # folder that does not exist.
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", source) is None:
+        raise _not_found(source, f"the folder {str(path)!r} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, revision=revision, local_files_only=local_files_only))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise _not_found(
+            source, f"it is not a local folder, and the hub id is not in the local Hugging Face cache ({err})"
+        ) from err
+
+
+def _check_layout(folder: Path, source: str) -> None:
+    missing = []
+    for sub in SUBFOLDERS:
+        files = _CONFIG_FILES[sub]
+        if not (folder / sub).is_dir():
+            missing.append(f"{sub}/")
+        elif not any((folder / sub / name).is_file() for name in files):
+            missing.append(f"{sub}/{' or '.join(files)}")
+    if missing:
+        raise _not_found(source, f"the folder {str(folder)!r} lacks {', '.join(missing)}")
+
+
+def _vae_class(folder: Path) -> type:
+    """The VAE class named in vae/config.json: AutoencoderKL for SD, SpaceToDepthAutoencoder for shapes."""
+    import diffusers
+
+    from conceptdistill.diffusion.latent import SpaceToDepthAutoencoder
+
+    name = json.loads((folder / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    if name == SpaceToDepthAutoencoder.__name__:
+        return SpaceToDepthAutoencoder
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"unknown VAE class {name!r} in {folder / 'vae' / 'config.json'}")
+    return cls
+
+
+def load_diffusion_parts(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    local_files_only: bool = True,
+) -> DiffusionParts:
+    """Load UNet, VAE, text encoder, tokenizer and scheduler from a diffusers-layout folder or cached hub id.
+
+    Each part is loaded with its own class; the VAE class and the scheduler class come from their configs'
+    ``_class_name``. Nothing is frozen or put in eval mode beyond what `from_pretrained` does (eval), which
+    is the caller's business. ``local_files_only=False`` lets huggingface_hub fetch a missing hub snapshot; the
+    project never passes it (no machine it runs on may download weights).
+
+    Raises:
+        ModelNotFoundError: when the folder or cached snapshot is missing or lacks a part, or a part's weights
+            cannot be read; the message says what layout is expected and how to provide the weights.
+    """
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = str(source)
+    folder = _resolve_source(source, revision, local_files_only)
+    _check_layout(folder, source)
+
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
+    if scheduler_cls is None:
+        raise ValueError(f"unknown scheduler class {scheduler_config.get('_class_name')!r} in {folder / 'scheduler'}")
+    # From here on everything is a local folder: no hub look-ups, whatever the environment says.
+    common = {"local_files_only": True}
+    try:
+        unet = diffusers.UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", torch_dtype=dtype, variant=variant, **common
+        )
+        vae = _vae_class(folder).from_pretrained(folder, subfolder="vae", torch_dtype=dtype, variant=variant, **common)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, variant=variant, **common)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **common)
+        scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler", **common)
+    except OSError as err:  # diffusers/transformers raise OSError (EnvironmentError) for missing weight files
+        raise _not_found(source, f"a part could not be read from {str(folder)!r} ({err})") from err
+    parts = DiffusionParts(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return parts.to(device=device)
+
+
+def save_diffusion_parts(parts: DiffusionParts, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `parts` as a diffusers-layout folder that `load_diffusion_parts` reads back.
+
+    With an AutoencoderKL the folder is a stock `StableDiffusionPipeline` save (no safety checker), so
+    ``StableDiffusionPipeline.from_pretrained(folder)`` loads it too. With the space-to-depth latent the parts
+    are written one by one plus a model_index.json naming our VAE class by its module path.
+
+    The folder is assembled beside the target and renamed into place, so an interrupted save never leaves a
+    half-written model where a resumed run would take it for a finished one.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True to replace it)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    try:
+        if isinstance(parts.vae, AutoencoderKL):
+            pipeline = StableDiffusionPipeline(
+                vae=parts.vae,
+                text_encoder=parts.text_encoder,
+                tokenizer=parts.tokenizer,
+                unet=parts.unet,
+                scheduler=parts.scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipeline.save_pretrained(staging)
+        else:
+            _save_parts_individually(parts, staging)
+        if folder.exists():
+            trash = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            folder.rename(trash)
+            staging.rename(folder)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _library_and_class(obj: Any) -> list[str]:
+    """The [library, class] pair diffusers records in model_index.json for a component."""
+    module = type(obj).__module__
+    top = module.split(".")[0]
+    # diffusers/transformers classes are found by top-level package; our own by full module path.
+    return [top if top in ("diffusers", "transformers") else module, type(obj).__name__]
+
+
+def _save_parts_individually(parts: DiffusionParts, folder: Path) -> None:
+    import diffusers
+
+    parts.unet.save_pretrained(folder / "unet")
+    parts.vae.save_pretrained(folder / "vae")
+    parts.text_encoder.save_pretrained(folder / "text_encoder")
+    parts.tokenizer.save_pretrained(folder / "tokenizer")
+    parts.scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "image_encoder": [None, None],
+    }
+    for name in SUBFOLDERS:
+        index[name] = _library_and_class(getattr(parts, name))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
