@@ -1,0 +1,105 @@
+"""Stage "world": train the shapes world's own text-to-image diffusion model from random weights.
+
+The stand-in for Stable Diffusion. It is the fine-tuner of stage "finetune" in `full` mode, with the text
+encoder trained too, each image's own caption, caption dropout (for classifier-free guidance) and an EMA
+of the UNet weights. The result is saved as a diffusers-layout folder (`world/pipeline`) that the ordinary
+loader reads; later stages of the same run use it. `make world-model` copies it into the package, which
+is how the committed model was made. Its prompt fidelity is measured with a classifier on true labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from conceptdistill.stages.finetune import ConceptDistillationFineTuner
+from conceptdistill.utils.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+def run_world(ctx) -> dict:
+    from conceptdistill.diffusion.loading import save_diffusion_parts
+    from conceptdistill.evaluation import log_results
+    from conceptdistill.figures import save_grid
+    from conceptdistill.world.fidelity import prompt_fidelity, train_classifier
+    from conceptdistill.world.model import build_world_parts
+
+    cfg, world_cfg = ctx.cfg, ctx.cfg.world
+    datamodule = ctx.datamodule
+    if not hasattr(datamodule, "caption_dataset"):
+        raise RuntimeError("stage world trains the shapes world's model; it needs data=shapes (the shapes world)")
+    folder = ctx.stage_dir("world")
+    shapes, colours = list(datamodule.world.shapes), list(datamodule.world.colours)
+    arch = world_cfg.architecture
+    parts = build_world_parts(
+        folder / "build", shapes=shapes, colours=colours, image_size=datamodule.image_size,
+        block_out_channels=tuple(arch.block_out_channels), layers_per_block=arch.layers_per_block,
+        attention_heads=arch.attention_heads, text_dim=arch.text_dim, text_layers=arch.text_layers, seed=cfg.seed,
+    )
+    module = ConceptDistillationFineTuner(
+        parts, adapter="full", learning_rate=world_cfg.learning_rate, weight_decay=world_cfg.weight_decay,
+        warmup_steps=world_cfg.warmup_steps, background_probability=0.0, use_batch_captions=True,
+        caption_dropout=world_cfg.caption_dropout, train_text_encoder=True, ema_decay=world_cfg.ema_decay,
+        seed=cfg.seed,
+    )
+    images = datamodule.caption_dataset(world_cfg.num_images)
+    loader = datamodule.loader(images, shuffle=True, batch_size=world_cfg.batch_size)
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
+    trainer = ctx.trainer(
+        "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
+        log_every_n_steps=20,
+    )
+    last = folder / "checkpoints" / "last.ckpt"
+    started = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    train_seconds = time.perf_counter() - started
+    module.apply_ema()
+    parts.unet, parts.text_encoder = module.unet.cpu().eval(), module.text_encoder.cpu().eval()
+    final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
+
+    fid = world_cfg.fidelity
+    classifier, classifier_accuracy = train_classifier(
+        datamodule, lambda **kw: ctx.trainer("world", logger=False, **kw), num_images=fid.classifier_images,
+        epochs=fid.classifier_epochs, seed=cfg.seed,
+    )
+    fidelity = prompt_fidelity(
+        parts, classifier.cpu(), shapes=shapes, colours=colours, num_samples=fid.num_samples,
+        num_background_samples=fid.num_background_samples, steps=fid.steps, guidance_scale=fid.guidance_scale,
+        seed=cfg.seed, batch_size=cfg.model.batch_size,
+    )
+    samples = fidelity.pop("samples")
+    prompts = fidelity.pop("prompts")
+    per_column = 8
+    grid = save_grid(
+        folder / "samples_grid.png",
+        {f"{p.removeprefix('a photo of a ')}": [samples[i].numpy() for i in range(j, len(prompts), len(shapes) * len(colours))][:per_column]
+         for j, p in enumerate(prompts[: len(shapes) * len(colours)])},
+        cell=48,
+    )
+    summary = {
+        **fidelity,
+        "classifier_accuracy": classifier_accuracy,
+        "fidelity_settings": {"steps": fid.steps, "guidance_scale": fid.guidance_scale, "samples": fid.num_samples},
+        "final_loss": final_loss,
+        "steps": int(trainer.global_step),
+        "train_seconds": round(train_seconds, 1),
+        "device": str(trainer.strategy.root_device),
+        "parameters": {"unet": sum(p.numel() for p in parts.unet.parameters()),
+                       "text_encoder": sum(p.numel() for p in parts.text_encoder.parameters())},
+    }
+    pipeline = save_diffusion_parts(parts, folder / "pipeline", overwrite=True)
+    write_json(pipeline / "training.json", {**summary, "command": " ".join(sys.argv), "seed": cfg.seed,
+                                            "settings": _plain(world_cfg)})
+    log_results(ctx, "world", summary, {"world_samples": grid})
+    return summary
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)

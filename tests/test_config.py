@@ -1,0 +1,65 @@
+"""The entry point and configs: every experiment composes, --cfg works, multirun runs two jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, REPO, compose
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "conceptdistill", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose([f"+experiment={experiment}"], run_dir=Path("/tmp/unused"))
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert container["stages"]
+    assert container["data"]["_target_"]
+    for word in container["concept"]:
+        assert word in container["prompts"]["foreground"]
+
+
+def test_paper_experiments_use_the_papers_settings():
+    cfg = compose(["+experiment=cub_birds"], run_dir=Path("/tmp/unused"))
+    assert (cfg.masks.num_steps, cfg.masks.start_step) == (50, 40)
+    assert cfg.finetune.learning_rate == pytest.approx(1e-4)
+    assert (cfg.segment.image_size, cfg.segment.batch_size, cfg.segment.learning_rate) == (128, 32, 2e-3)
+    assert cfg.model.name == "sd14" and cfg.experiment == "cub_birds"
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = run_cli("+experiment=shapes", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.experiment == "shapes" and printed.concept == ["circle"]
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+    from conceptdistill.runner import StageError, run
+
+    cfg = compose(["stages=[mask]", "logger=none"], run_dir=tmp_path)
+    with pytest.raises(StageError, match="unknown stage 'mask'"):
+        run(cfg)
+
+
+def test_multirun_runs_both_jobs(tmp_path):
+    result = run_cli("-m", "stages=[report]", "logger=none", "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job in ("0", "1"):
+        results = json.loads((tmp_path / job / "report" / "results.json").read_text())
+        assert results["experiment"] == "shapes"
+    seeds = {OmegaConf.load(tmp_path / job / ".hydra" / "config.yaml").seed for job in ("0", "1")}
+    assert seeds == {0, 1}
