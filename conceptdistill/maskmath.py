@@ -96,12 +96,15 @@ def binarize_map(
     filter_size: int = 3,
     seed: int = 0,
     polarity: Literal["high", "low"] = "high",
+    floor: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """GMM-midpoint threshold then majority filter: returns (bool mask, threshold).
 
     polarity "high" (the method's rule) marks values above the threshold as object; "low" marks those
     below it. A degenerate map gives an all-False mask and threshold nan, with a logged warning; this
-    never raises for degenerate input. filter_size <= 1 disables the majority filter.
+    never raises for degenerate input. filter_size <= 1 disables the majority filter. `floor` (polarity
+    "high" only) is the smallest threshold allowed: a map whose two clusters are both below it (noise
+    only) then gives an empty mask instead of a split of the noise.
     """
     values = np.asarray(attention_map, dtype=np.float64)
     try:
@@ -109,6 +112,8 @@ def binarize_map(
     except DegenerateMapError as error:
         logger.warning("degenerate map of shape %s, returning an empty mask: %s", values.shape, error)
         return np.zeros(values.shape, dtype=bool), float("nan")
+    if floor is not None and polarity == "high":
+        threshold = max(threshold, float(floor))
     # NaN pixels compare False on both sides, so they are never object.
     mask = values > threshold if polarity == "high" else values < threshold
     if filter_size > 1:
@@ -145,8 +150,13 @@ def refine_mask(
     seed: int = 0,
     close_holes: bool = False,
     closing_size: int = 3,
+    min_difference: float = 2 / 255,
 ) -> np.ndarray:
     """Refined mask M = M_pre_up AND binarize(mean_rgb |image - background|).
+
+    A pixel whose mean difference is at most `min_difference` (default: two 8-bit grey levels, i.e.
+    quantisation noise) is never object, whatever the mixture fit says: an image that the inpainting
+    reproduced gives an empty mask rather than a threshold through its noise.
 
     `image` and `background` are float (H, W, 3) in [0, 1]; `preliminary_mask_upsampled` is (H, W).
     With `close_holes`, binary closing then hole filling are applied to the difference mask before the
@@ -160,7 +170,7 @@ def refine_mask(
     difference = np.abs(image - background)
     if difference.ndim == 3:
         difference = difference.mean(axis=-1)
-    changed, _ = binarize_map(difference, filter_size=filter_size, seed=seed)
+    changed, _ = binarize_map(difference, filter_size=filter_size, seed=seed, floor=min_difference)
     if close_holes and changed.any():
         structure = np.ones((closing_size, closing_size), dtype=bool)
         # Pad by replication first: scipy's closing treats outside pixels as 0, so its erosion would eat

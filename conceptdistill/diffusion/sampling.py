@@ -53,9 +53,9 @@ def sample_latents(
     text = parts.encode_prompts(prompts)
     uncond = parts.encode_prompts([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
     extra = _text_to_image_extra_input(parts, latents)
-    for t in scheduler.timesteps:
+    for index, t in enumerate(scheduler.timesteps):
         noise = predict_noise(parts, scheduler.scale_model_input(latents, t), t, text, uncond, guidance_scale, extra)
-        latents = scheduler.step(noise, t, latents).prev_sample
+        latents = _denoise(scheduler, noise, t, latents, last=index + 1 == len(scheduler.timesteps))
     return latents
 
 
@@ -81,7 +81,7 @@ def inpaint_latents(
     timesteps = scheduler.timesteps
     for index, t in enumerate(timesteps):
         noise = predict_noise(parts, scheduler.scale_model_input(latents, t), t, text, uncond, guidance_scale, extra)
-        latents = scheduler.step(noise, t, latents).prev_sample
+        latents = _denoise(scheduler, noise, t, latents, last=index + 1 == len(timesteps))
         if index + 1 < len(timesteps):
             fresh = randn_per_sample(generators, shape, device=parts.device, dtype=parts.dtype)
             known = scheduler.add_noise(known_latents, fresh, timesteps[index + 1 : index + 2])
@@ -89,6 +89,13 @@ def inpaint_latents(
             known = known_latents
         latents = mask * latents + (1 - mask) * known
     return latents
+
+
+def _denoise(scheduler: DDIMScheduler, noise: torch.Tensor, t, latents: torch.Tensor, *, last: bool) -> torch.Tensor:
+    """One DDIM step; the last step returns the predicted clean latent. (A schedule whose final alpha is
+    below one would otherwise leave a little noise in every sample, and in every inpainted region.)"""
+    output = scheduler.step(noise, t, latents)
+    return output.pred_original_sample if last else output.prev_sample
 
 
 def _text_to_image_extra_input(parts, latents: torch.Tensor) -> torch.Tensor | None:
