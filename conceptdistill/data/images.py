@@ -445,6 +445,10 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def sample_ids(self) -> list[str]:
+        """Ids without decoding any image (stages use them to find what is already done)."""
+        return [record.id for record in self.records]
+
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         image = load_rgb(record.image)

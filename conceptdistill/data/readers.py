@@ -6,7 +6,7 @@ Every reader takes (Hydra config ``data.*``):
   in ``conf/data/`` also read it). ``~`` and ``$VARS`` are expanded.
 - ``image_size`` (512, the paper's), ``resize_mode`` ("resize": stretch to square, the paper's; "pad":
   centre-pad to square, then resize), ``batch_size``, ``num_workers``.
-- ``val_fraction`` (default 0.05): "val" is a deterministic slice of the official train split, chosen by a
+- ``val_fraction`` (default 0: no stage uses a val split, so D keeps the whole train split): "val" is a deterministic slice of the official train split, chosen by a
   hash of (``split_seed``, sample id) so it does not depend on file order or on unreadable files; "train"
   is the rest. A data set with an official validation split uses it instead.
 - ``max_images``: keep at most this many images per split (again a hash-ordered, class-balanced-in-
@@ -138,7 +138,7 @@ class FileDataModule(ConceptDataModule):
         resize_mode: str = "resize",
         batch_size: int = 4,
         num_workers: int = 4,
-        val_fraction: float = 0.05,
+        val_fraction: float = 0.0,
         split_seed: int = 0,
         max_images: int | None = None,
         mask_threshold: float = 0.5,
