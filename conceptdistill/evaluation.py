@@ -7,14 +7,13 @@ mIoU); the per-image mean IoU is reported beside them. Ground truth is read here
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from conceptdistill.maskmath import upsample_mask
 from conceptdistill.metrics import (
-    add_counts,
     all_foreground_scores,
     attention_auc,
     best_centre_box_scores,
@@ -82,7 +81,7 @@ def evaluate_mask_stage(ctx, module) -> dict:
     summary = {
         "split": split,
         "images": len(ids),
-        "attention_auc": attention_auc([upsample_map(m, t.shape) for m, t in zip(maps, truths)], truths),
+        "attention_auc": attention_auc([upsample_map(m, t.shape) for m, t in zip(maps, truths, strict=True)], truths),
         "attention_contrast": attention_contrast(maps, truths),
         "rows": rows,
         "layers": per_layer_diagnostics(module, ids[:32], truth),
@@ -105,7 +104,7 @@ def attention_contrast(maps: list[np.ndarray], truths: list[np.ndarray]) -> floa
     """Mean attention inside the object over mean outside (pooled): above 1 means the right polarity."""
     inside = outside = 0.0
     n_in = n_out = 0
-    for attention, truth in zip(maps, truths):
+    for attention, truth in zip(maps, truths, strict=True):
         up = upsample_map(attention, truth.shape)
         inside += float(up[truth].sum())
         outside += float(up[~truth].sum())
@@ -126,7 +125,7 @@ def per_layer_diagnostics(module, ids: list[str], truth: dict[str, dict]) -> dic
     for layer, maps in attention_store.per_layer_mean().items():
         layer_maps = list(maps.float().cpu().numpy())
         try:
-            auc = attention_auc([upsample_map(m, t.shape) for m, t in zip(layer_maps, truths)], truths)
+            auc = attention_auc([upsample_map(m, t.shape) for m, t in zip(layer_maps, truths, strict=True)], truths)
         except ValueError:
             auc = float("nan")
         result[layer] = {"auc": auc, "contrast": attention_contrast(layer_maps, truths)}

@@ -40,6 +40,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 #: stages that always run (cheap, and they summarise whatever exists)
 ALWAYS_RUN = {"report", "predict"}
+#: stages that read the data set (checked before anything runs, so a wrong data root fails at once)
+STAGES_READING_DATA = set(STAGE_INPUTS) - {"report"}
 #: config sections every stage's results depend on
 SHARED_SETTINGS = ("seed", "concept", "prompts", "data", "model")
 
@@ -101,9 +103,19 @@ class RunContext:
     # ----- shared resources ---------------------------------------------------------------------
     @cached_property
     def datamodule(self):
+        from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
-        return instantiate(self.cfg.data)
+        from conceptdistill.data.readers import DatasetLayoutError
+
+        try:
+            return instantiate(self.cfg.data)
+        except InstantiationException as err:
+            # Hydra wraps the reader's one-paragraph "what is expected and where" message in its own
+            # "Error in call to target ..." text; show the reader's message as it is.
+            if isinstance(err.__cause__, DatasetLayoutError):
+                raise err.__cause__ from None
+            raise
 
     def diffusion_source(self) -> str:
         """The diffusion model to use: the one this run's `world` stage trained, else `model.path`."""
@@ -182,6 +194,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     """Run `cfg.stages` in order; returns each stage's summary."""
     _configure_torch()
     ctx = RunContext(cfg)
+    if any(stage in STAGES_READING_DATA and not ctx.is_complete(stage) for stage in cfg.stages):
+        ctx.datamodule  # noqa: B018 - a missing or malformed data set fails here, before any model is loaded
     for stage in cfg.stages:
         function = stage_function(stage)
         if stage not in ALWAYS_RUN and ctx.is_complete(stage):
@@ -213,6 +227,8 @@ def _short(summary: dict) -> str:
 def _configure_torch() -> None:
     import torch
 
-    # One process owns all cores: two processes sharing them slow each other down several-fold.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    # One process owns all cores (two processes sharing them slow each other several-fold), unless the
+    # user pinned a thread count with OMP_NUM_THREADS, e.g. to run beside another job.
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     torch.set_float32_matmul_precision("high")

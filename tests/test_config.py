@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import CONF_DIR, REPO, compose
+from omegaconf import OmegaConf
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

@@ -55,6 +55,16 @@ class ArtifactStore:
     def load(self, output: str, sample_id: str) -> np.ndarray:
         return _LOAD[self.outputs[output]](self.path(output, sample_id))
 
+    def discard_partial(self) -> int:
+        """Delete the temp files of writes a killed run left unfinished (`atomic_write` names them
+        `.<file name>.<random>.tmp`); returns how many. Only called before a trainer starts writing here."""
+        removed = 0
+        for name in self.outputs:
+            for leftover in (self.folder / name).glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def ids(self, output: str) -> list[str]:
         ext = _EXTENSION[self.outputs[output]]
         return sorted(p.name[: -len(ext) - 1] for p in (self.folder / output).glob(f"*.{ext}"))
@@ -90,7 +100,13 @@ def sample_ids(dataset: Dataset) -> list[str]:
 
 
 def pending(dataset: Dataset, store: ArtifactStore) -> Dataset:
-    """The samples whose outputs are not all on disk yet (a resumed run computes only these)."""
+    """The samples whose outputs are not all on disk yet (a resumed run computes only these).
+
+    Also deletes the temp files of interrupted writes: safe because every rank calls this before its
+    trainer's setup barrier, so no rank is writing into `store` yet.
+    """
+    if removed := store.discard_partial():
+        log.info("removed %d unfinished temp file(s) of an interrupted run in %s", removed, store.folder)
     ids = sample_ids(dataset)
     todo = [index for index, sid in enumerate(ids) if not store.has(sid)]
     if len(todo) < len(ids):

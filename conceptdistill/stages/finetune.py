@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from conceptdistill.diffusion.loading import register_parts
 from conceptdistill.maskmath import rectangle_rules_for, sample_background_rectangle
@@ -111,10 +109,13 @@ class ConceptDistillationFineTuner(pl.LightningModule):
         if hp.adapter == "inpaint9":
             latent_channels = self.unet.config.in_channels
             widen_unet_input(self.unet, latent_channels + 1)
-        self.unet.add_adapter(
-            LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
-                       target_modules=list(hp.lora_targets))
-        )
+        # LoRA's random init is seeded by the run seed (and leaves the caller's RNG stream alone).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed)
+            self.unet.add_adapter(
+                LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
+                           target_modules=list(hp.lora_targets))
+            )
         if hp.adapter == "inpaint9":
             self.unet.conv_in.requires_grad_(True)
         # Trainable weights stay fp32 under mixed precision, even when the frozen base is half precision.
@@ -192,7 +193,15 @@ class ConceptDistillationFineTuner(pl.LightningModule):
                     value = masked_mse(prediction[selected], noise[selected], loss_mask[selected])
                     self.log(f"train/loss_{name}", value, batch_size=int(selected.sum()))
 
-    def on_train_batch_end(self, outputs, batch, batch_index) -> None:
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)  # the shadow weights live where the weights train
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: Lightning runs callbacks' on_train_batch_end (ModelCheckpoint's
+        # save) before the module's, so a checkpoint would miss this step's EMA update; and with gradient
+        # accumulation the EMA follows optimizer steps, not micro-batches.
         if self.ema is not None:
             self.ema.step(self.unet.parameters())
 
@@ -224,7 +233,12 @@ def save_finetuned(module: ConceptDistillationFineTuner, folder: str | Path) -> 
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        # The adapter's config (rank, lora_alpha, targets) travels as safetensors metadata: without it loaders
+        # assume lora_alpha == rank and a model trained with lora_alpha != lora_rank comes back scaled wrongly.
+        metadata = unet.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        )
         return folder / LORA_WEIGHTS
     if adapter == "inpaint9":
         unet.fuse_lora() if hasattr(unet, "fuse_lora") else None
@@ -337,6 +351,7 @@ def run_finetune(ctx) -> dict:
         background_probability=ft.background_probability, foreground_prompt=cfg.prompts.foreground,
         background_prompt=cfg.prompts.background, rectangle=rectangle, seed=cfg.seed,
     )
+    pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
     dataset = WithArtifacts(ctx.datamodule.dataset("train"), {"prelim_mask": (mask_store(ctx, "train"), "mask")})
     examples = collate_samples([dataset[i] for i in range(min(ft.sample_count, len(dataset)))])
     history = LossHistory()

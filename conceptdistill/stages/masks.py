@@ -117,5 +117,7 @@ def run_masks(ctx) -> dict:
             trainer = ctx.trainer("masks", callbacks=[SampleWriter(store)], logger=False)
             trainer.predict(module, loader, return_predictions=False)
         summary[split] = {"images": len(store.ids("mask"))}
+    if hasattr(ctx.datamodule, "stats"):  # real data: per split, images kept / skipped as unreadable / converted
+        summary["data"] = ctx.datamodule.stats()
     summary.update(evaluate_mask_stage(ctx, module))
     return summary

@@ -64,6 +64,8 @@ def collect_results(ctx) -> dict:
     for key in ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "background_fidelity"):
         if key in fidelity:
             results[key] = fidelity[key]
+    if summaries["masks"].get("data"):
+        results["data"] = summaries["masks"]["data"]
     if summaries["finetune"]:
         results["finetune"] = {k: v for k, v in summaries["finetune"].items() if k != "weights"}
     if summaries["synthesize"]:

@@ -9,7 +9,6 @@ split (accuracy, foreground IoU, mIoU at threshold 0.5) and the per-image mean I
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl

@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 
 from conceptdistill.diffusion.loading import register_parts
 from conceptdistill.diffusion.sampling import sample_latents
-from conceptdistill.maskmath import binarize_map
 from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
 from conceptdistill.utils.seeding import sample_generators
 

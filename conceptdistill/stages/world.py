@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from datetime import timedelta
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -47,19 +49,21 @@ def run_world(ctx) -> dict:
         caption_dropout=world_cfg.caption_dropout, train_text_encoder=True, ema_decay=world_cfg.ema_decay,
         seed=cfg.seed,
     )
+    pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
     images = datamodule.caption_dataset(world_cfg.num_images)
     loader = datamodule.loader(images, shuffle=True, batch_size=world_cfg.batch_size)
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
     trainer = ctx.trainer(
         "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
-        log_every_n_steps=20,
+        log_every_n_steps=20, max_time=timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,
     )
     last = folder / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
     train_seconds = time.perf_counter() - started
     module.apply_ema()
-    parts.unet, parts.text_encoder = module.unet.cpu().eval(), module.text_encoder.cpu().eval()
+    parts.to(trainer.strategy.root_device)
+    parts.unet.eval(), parts.text_encoder.eval()
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
 
     fid = world_cfg.fidelity
@@ -68,7 +72,7 @@ def run_world(ctx) -> dict:
         epochs=fid.classifier_epochs, seed=cfg.seed,
     )
     fidelity = prompt_fidelity(
-        parts, classifier.cpu(), shapes=shapes, colours=colours, num_samples=fid.num_samples,
+        parts, classifier.to(parts.device), shapes=shapes, colours=colours, num_samples=fid.num_samples,
         num_background_samples=fid.num_background_samples, steps=fid.steps, guidance_scale=fid.guidance_scale,
         seed=cfg.seed, batch_size=cfg.model.batch_size,
     )

@@ -108,13 +108,14 @@ def prompt_fidelity(
         batch_images = parts.decode_latents(latents).float().cpu()
         images.append(batch_images)
         labels += classifier.labels(batch_images)
-    objects = [(p, l) for p, l in zip(prompts, labels, strict=True) if p[1] != NONE]
-    backgrounds = [(p, l) for p, l in zip(prompts, labels, strict=True) if p[1] == NONE]
+    # (asked shape, asked colour, seen shape, seen colour) per sample
+    objects = [(s, c, *seen) for (_, s, c), seen in zip(prompts, labels, strict=True) if s != NONE]
+    backgrounds = [seen for (_, s, _), seen in zip(prompts, labels, strict=True) if s == NONE]
     return {
-        "prompt_fidelity": sum(l == (s, c) for (_, s, c), l in objects) / max(len(objects), 1),
-        "shape_fidelity": sum(l[0] == s for (_, s, _), l in objects) / max(len(objects), 1),
-        "colour_fidelity": sum(l[1] == c for (_, _, c), l in objects) / max(len(objects), 1),
-        "background_fidelity": sum(l == (NONE, NONE) for _, l in backgrounds) / max(len(backgrounds), 1),
+        "prompt_fidelity": sum(s == ss and c == sc for s, c, ss, sc in objects) / max(len(objects), 1),
+        "shape_fidelity": sum(s == ss for s, _, ss, _ in objects) / max(len(objects), 1),
+        "colour_fidelity": sum(c == sc for _, c, _, sc in objects) / max(len(objects), 1),
+        "background_fidelity": sum(seen == (NONE, NONE) for seen in backgrounds) / max(len(backgrounds), 1),
         "samples": torch.cat(images),
         "prompts": [p for p, _, _ in prompts],
     }
