@@ -23,6 +23,7 @@ __all__ = [
     "RectangleRules",
     "binarize_map",
     "centre_box_mask",
+    "close_and_fill_holes",
     "gmm_threshold",
     "majority_filter",
     "rectangle_rules_for",
@@ -171,15 +172,23 @@ def refine_mask(
     if difference.ndim == 3:
         difference = difference.mean(axis=-1)
     changed, _ = binarize_map(difference, filter_size=filter_size, seed=seed, floor=min_difference)
-    if close_holes and changed.any():
-        structure = np.ones((closing_size, closing_size), dtype=bool)
-        # Pad by replication first: scipy's closing treats outside pixels as 0, so its erosion would eat
-        # objects that touch the image border.
-        pad = closing_size
-        padded = np.pad(changed, pad, mode="edge")
-        closed = ndimage.binary_closing(padded, structure=structure)[pad:-pad, pad:-pad]
-        changed = ndimage.binary_fill_holes(closed)
+    if close_holes:
+        changed = close_and_fill_holes(changed, closing_size)
     return pre & changed
+
+
+def close_and_fill_holes(mask: np.ndarray, closing_size: int = 3) -> np.ndarray:
+    """Binary closing (bridges gaps up to about `closing_size` pixels), then hole filling."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    structure = np.ones((closing_size, closing_size), dtype=bool)
+    # Pad by replication first: scipy's closing treats outside pixels as 0, so its erosion would eat
+    # objects that touch the image border.
+    pad = closing_size
+    padded = np.pad(mask, pad, mode="edge")
+    closed = ndimage.binary_closing(padded, structure=structure)[pad:-pad, pad:-pad]
+    return ndimage.binary_fill_holes(closed)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -62,3 +62,32 @@ def test_multirun_runs_both_jobs(tmp_path):
         assert results["experiment"] == "shapes"
     seeds = {OmegaConf.load(tmp_path / job / ".hydra" / "config.yaml").seed for job in ("0", "1")}
     assert seeds == {0, 1}
+
+
+def test_slurm_launcher_config_composes():
+    """The submitit launcher group resolves (hydra-submitit-launcher is a dev dependency)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=submitit_slurm", "+experiment=cub_birds"],
+                            return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0
+
+
+def test_configs_ship_inside_the_package():
+    """`python -m conceptdistill` finds its configs through the package (conceptdistill/conf), which is
+    what an installed wheel carries; pyproject's package-data must include them."""
+    import tomllib
+
+    import conceptdistill
+
+    package_conf = Path(conceptdistill.__file__).parent / "conf"
+    assert (package_conf / "config.yaml").is_file()
+    assert sorted(p.name for p in (package_conf / "experiment").glob("*.yaml")) == sorted(
+        p.name for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "conf/**/*.yaml" in package_data["conceptdistill"]

@@ -324,3 +324,18 @@ def test_centre_box_mask():
     assert not centre_box_mask(8, 8, 0.0).any()
     with pytest.raises(ValueError):
         centre_box_mask(8, 8, 1.5)
+
+
+def test_close_and_fill_holes_turns_an_outline_into_a_solid_object():
+    from conceptdistill.maskmath import close_and_fill_holes
+
+    yy, xx = np.mgrid[:16, :16]
+    radius = np.hypot(yy - 8, xx - 8)
+    ring = (radius > 3) & (radius < 5.5)
+    filled = close_and_fill_holes(ring)
+    assert filled[8, 8] and filled[radius < 5].all()
+    assert not filled[radius > 6.5].any()  # nothing grows outside the outline
+    broken = ring.copy()
+    broken[7:10, 12:15] = False  # a gap of about one closing width: closing bridges it first
+    assert close_and_fill_holes(broken, 3)[8, 8]
+    assert not close_and_fill_holes(np.zeros((8, 8), bool)).any()

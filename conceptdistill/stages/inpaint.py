@@ -24,13 +24,14 @@ class BackgroundInpainter(pl.LightningModule):
     """predict_step: images + M_pre -> per image the background B and the refined mask M."""
 
     def __init__(
-        self, parts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, filter_size: int = 3,
-        close_holes: bool = False, closing_size: int = 3, seed: int = 0,
+        self, parts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str = "",
+        filter_size: int = 3, close_holes: bool = False, closing_size: int = 3, seed: int = 0,
     ) -> None:
         super().__init__()
         self.parts = parts
         register_parts(self, parts)
         self.prompt, self.num_steps, self.guidance_scale = prompt, num_steps, guidance_scale
+        self.negative_prompt = negative_prompt
         self.filter_size, self.close_holes, self.closing_size, self.seed = filter_size, close_holes, closing_size, seed
 
     @torch.no_grad()
@@ -40,7 +41,7 @@ class BackgroundInpainter(pl.LightningModule):
         unknown = prelim_masks.to(self.device, latents.dtype)[:, None]
         painted = inpaint_latents(
             self.parts, latents, unknown, [self.prompt] * len(ids), sample_generators(self.seed, ids, "inpaint"),
-            steps=self.num_steps, guidance_scale=self.guidance_scale,
+            steps=self.num_steps, guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt,
         )
         return self.parts.decode_latents(painted).float()
 
@@ -70,9 +71,10 @@ def inpaint_store(ctx, split: str) -> ArtifactStore:
 
 def build_inpainter(ctx, parts) -> BackgroundInpainter:
     ip = ctx.cfg.inpaint
+    negative = ctx.cfg.prompts.foreground if ip.negative_prompt == "foreground" else str(ip.negative_prompt or "")
     return BackgroundInpainter(
         parts, prompt=ctx.cfg.prompts.background, num_steps=ip.num_steps, guidance_scale=ip.guidance_scale,
-        filter_size=ip.filter_size, close_holes=ip.close_holes, closing_size=ip.closing_size, seed=ctx.cfg.seed,
+        negative_prompt=negative, filter_size=ip.filter_size, close_holes=ip.close_holes, closing_size=ip.closing_size, seed=ctx.cfg.seed,
     )
 
 

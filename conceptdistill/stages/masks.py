@@ -17,7 +17,7 @@ import torch
 from conceptdistill.diffusion.attention import AttentionStore, capture_cross_attention
 from conceptdistill.diffusion.loading import register_parts
 from conceptdistill.diffusion.tokenizer import concept_token_indices
-from conceptdistill.maskmath import binarize_map
+from conceptdistill.maskmath import binarize_map, close_and_fill_holes
 from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
 from conceptdistill.utils.seeding import randn_per_sample, sample_generators
 
@@ -43,7 +43,8 @@ class AttentionMaskGenerator(pl.LightningModule):
 
     def __init__(
         self, parts, *, prompt: str, concept: list[str], num_steps: int = 50, start_step: int = 40,
-        layers: list[str] | None = None, filter_size: int = 3, polarity: str = "high", seed: int = 0,
+        layers: list[str] | None = None, filter_size: int = 3, polarity: str = "high", fill_holes: bool = False,
+        closing_size: int = 3, seed: int = 0,
     ) -> None:
         super().__init__()
         self.parts = parts
@@ -54,6 +55,7 @@ class AttentionMaskGenerator(pl.LightningModule):
         self.layers = list(layers) if layers else None
         self.filter_size = filter_size
         self.polarity = polarity
+        self.fill_holes, self.closing_size = fill_holes, closing_size
         self.seed = seed
 
     @torch.no_grad()
@@ -79,8 +81,10 @@ class AttentionMaskGenerator(pl.LightningModule):
         return store.mean().float(), store
 
     def binarize(self, attention: np.ndarray) -> np.ndarray:
-        """M_pre of one map: GMM-midpoint threshold and majority filter (empty, with a warning, if degenerate)."""
-        return binarize_map(attention, filter_size=self.filter_size, seed=self.seed, polarity=self.polarity)[0]
+        """M_pre of one map: GMM-midpoint threshold and majority filter (empty, with a warning, if degenerate),
+        then optionally closing + hole filling (a map that lights up an object's outline gives a ring)."""
+        mask = binarize_map(attention, filter_size=self.filter_size, seed=self.seed, polarity=self.polarity)[0]
+        return close_and_fill_holes(mask, self.closing_size) if self.fill_holes else mask
 
     def predict_step(self, batch: dict, batch_index: int = 0) -> list[dict]:
         maps, _ = self.attention_maps(batch["image"], batch["id"])
@@ -95,7 +99,8 @@ def build_masker(ctx, parts) -> AttentionMaskGenerator:
     return AttentionMaskGenerator(
         parts, prompt=cfg.prompts.foreground, concept=list(cfg.concept), num_steps=cfg.masks.num_steps,
         start_step=cfg.masks.start_step, layers=cfg.masks.layers, filter_size=cfg.masks.filter_size,
-        polarity=cfg.masks.polarity, seed=cfg.seed,
+        polarity=cfg.masks.polarity, fill_holes=cfg.masks.fill_holes, closing_size=cfg.masks.closing_size,
+        seed=cfg.seed,
     )
 
 

@@ -26,8 +26,10 @@ ROWS = [
     ("unet_truth", "supervised U-Net (upper bound)"),
 ]
 STAGES = ("world", "masks", "finetune", "inpaint", "synthesize", "segment")
-FIGURES = {"masks": "masks_grid.png", "inpaint": "inpaint_grid.png", "synthesize": "synthetic_grid.png",
-           "segment": "segment_grid.png", "world": "samples_grid.png"}
+#: figure name in the report -> where a stage left it (a glob: the last match in sorted order is taken)
+FIGURES = {"masks_grid.png": "masks/masks_grid.png", "inpaint_grid.png": "inpaint/inpaint_grid.png",
+           "finetune_samples.png": "finetune/samples/step_*.png", "synthetic_grid.png": "synthesize/synthetic_grid.png",
+           "segment_grid.png": "segment/segment_grid.png", "world_samples.png": "world/samples_grid.png"}
 
 
 def git_commit() -> str | None:
@@ -104,10 +106,10 @@ def run_report(ctx) -> dict:
     folder = ctx.stage_dir("report")
     results = collect_results(ctx)
     figures = []
-    for stage, name in FIGURES.items():
-        source = ctx.run_dir / stage / name
-        if source.exists():
-            shutil.copyfile(source, folder / name)
+    for name, pattern in FIGURES.items():
+        matches = sorted(ctx.run_dir.glob(pattern))
+        if matches:
+            shutil.copyfile(matches[-1], folder / name)
             figures.append(name)
     results["figures"] = figures
     write_json(folder / "results.json", results)
