@@ -33,7 +33,7 @@ demo: $(STAMP)  ## the whole method on the shapes world, on the CPU (rerun to re
 reproduce: $(STAMP)  ## rerun the recorded experiments and refresh experiments/<name>/
 	@for name in $(EXPERIMENTS); do \
 		$(RUN) +experiment=$$name hydra.run.dir=runs/reproduce/$$name logger=csv || exit 1; \
-		mkdir -p experiments/$$name && cp runs/reproduce/$$name/report/* experiments/$$name/; \
+		mkdir -p experiments/$$name && cp runs/reproduce/$$name/report/results.* runs/reproduce/$$name/report/*.png experiments/$$name/; \
 	done
 
 world-model: $(STAMP)  ## retrain the shapes world's diffusion model and install it in the package

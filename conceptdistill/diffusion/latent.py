@@ -131,5 +131,6 @@ class SpaceToDepthAutoencoder(ModelMixin, ConfigMixin):
         model = cls.from_config(config)
         dtype = kwargs.get("torch_dtype")
         if isinstance(dtype, torch.dtype):
-            model = model.to(dtype=dtype)
+            # nn.Module.to: diffusers' own `to` warns about float32-only modules whenever a dtype is given
+            model = torch.nn.Module.to(model, dtype=dtype)
         return model.eval()

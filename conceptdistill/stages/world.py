@@ -38,11 +38,20 @@ def run_world(ctx) -> dict:
     folder = ctx.stage_dir("world")
     shapes, colours = list(datamodule.world.shapes), list(datamodule.world.colours)
     arch = world_cfg.architecture
-    parts = build_world_parts(
-        folder / "build", shapes=shapes, colours=colours, image_size=datamodule.image_size,
-        block_out_channels=tuple(arch.block_out_channels), layers_per_block=arch.layers_per_block,
-        attention_heads=arch.attention_heads, text_dim=arch.text_dim, text_layers=arch.text_layers, seed=cfg.seed,
-    )
+    if world_cfg.get("init_from"):
+        # Continue training an existing world model (its own architecture and vocabulary) with fresh
+        # optimizer state, e.g. the packaged one on a machine with more compute.
+        from conceptdistill.diffusion.loading import load_diffusion_parts
+        from conceptdistill.diffusion.registry import PACKAGED_WORLD_MODEL
+
+        source = PACKAGED_WORLD_MODEL if world_cfg.init_from == "packaged" else world_cfg.init_from
+        parts = load_diffusion_parts(str(source))
+    else:
+        parts = build_world_parts(
+            folder / "build", shapes=shapes, colours=colours, image_size=datamodule.image_size,
+            block_out_channels=tuple(arch.block_out_channels), layers_per_block=arch.layers_per_block,
+            attention_heads=arch.attention_heads, text_dim=arch.text_dim, text_layers=arch.text_layers, seed=cfg.seed,
+        )
     module = ConceptDistillationFineTuner(
         parts, adapter="full", learning_rate=world_cfg.learning_rate, weight_decay=world_cfg.weight_decay,
         warmup_steps=world_cfg.warmup_steps, background_probability=0.0, use_batch_captions=True,
