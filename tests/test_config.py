@@ -71,7 +71,7 @@ def test_slurm_launcher_config_composes():
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=submitit_slurm", "+experiment=cub_birds"],
+        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm", "+experiment=cub_birds"],
                             return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
