@@ -36,3 +36,28 @@ def compose(overrides: list[str] | None = None, run_dir: Path | None = None):
 @pytest.fixture
 def compose_config():
     return compose
+
+
+@pytest.fixture
+def single_thread(monkeypatch):
+    """One torch thread for tiny models, also inside `run()` (which would take every core). On a shared
+    2-core machine two OpenMP threads fighting another process run a tiny UNet 10-100x slower."""
+    import torch
+
+    from conceptdistill import runner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(runner, "_configure_torch", lambda: torch.set_num_threads(1))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The seed-0 tiny SD-shaped pipeline (KL VAE, 2x down: 32 px images -> 16x16 latents) saved in
+    diffusers layout, as a user's Stable Diffusion folder would be."""
+    from conceptdistill.diffusion.loading import save_diffusion_parts
+    from conceptdistill.diffusion.tiny import build_tiny_parts
+
+    return save_diffusion_parts(build_tiny_parts(), tmp_path_factory.mktemp("tiny-model") / "pipeline")

@@ -19,7 +19,6 @@ import torch
 from conftest import CONF_DIR, REPO, compose
 from trees import make_cars, make_chest_xray, make_cub, make_dogs, make_h36m, write_image
 
-from conceptdistill import runner
 from conceptdistill.runner import run
 from conceptdistill.stages.report import ROWS
 
@@ -68,7 +67,7 @@ def prompt_words() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
+def all_words_model(tmp_path_factory) -> Path:
     """A tiny random SD-shaped pipeline, saved in diffusers layout, whose tokenizer knows every prompt word."""
     from conceptdistill.diffusion.loading import save_diffusion_parts
     from conceptdistill.diffusion.tiny import DEFAULT_WORDS, build_tiny_parts
@@ -78,18 +77,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """No data set or model paths from the environment, and torch on one thread.
-
-    `run()` gives torch every core the process may use; with other processes on the same two cores, two
-    spinning OpenMP threads make these tiny models 10-40x slower, so the tests pin one thread.
-    """
+def _isolated(monkeypatch, single_thread):
+    """No data set or model paths from the environment, and torch on one thread."""
     for name in DATA_ENV:
         monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(runner, "_configure_torch", lambda: torch.set_num_threads(1))
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_results(run_dir: Path) -> dict:
@@ -109,9 +100,9 @@ def done_records(run_dir: Path) -> dict[str, tuple[int, str]]:
 
 
 # ------------------------------------------------------------------------------------------ shapes world
-def test_shapes_world_all_stages_results_file_and_resume(tmp_path, tiny_model):
+def test_shapes_world_all_stages_results_file_and_resume(tmp_path, all_words_model):
     run_dir = tmp_path / "run"
-    cfg = compose([f"stages=[{','.join(ALL_STAGES)}]", f"model.path={tiny_model}", "data.num_train=8",
+    cfg = compose([f"stages=[{','.join(ALL_STAGES)}]", f"model.path={all_words_model}", "data.num_train=8",
                    "data.num_test=4", "logger=none", *TINY_STEPS], run_dir=run_dir)
     summaries = run(cfg)
     assert list(summaries) == ALL_STAGES
@@ -148,13 +139,13 @@ def test_shapes_world_all_stages_results_file_and_resume(tmp_path, tiny_model):
     assert not list(run_dir.glob("*.stale-*"))
 
 
-def test_wandb_logger_writes_an_offline_run_in_the_run_folder(tmp_path, tiny_model, monkeypatch):
+def test_wandb_logger_writes_an_offline_run_in_the_run_folder(tmp_path, all_words_model, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    cfg = compose(["stages=[masks]", "logger=wandb", f"model.path={tiny_model}", "data.num_train=2",
+    cfg = compose(["stages=[masks]", "logger=wandb", f"model.path={all_words_model}", "data.num_train=2",
                    "data.num_test=4", "masks.splits=[test]", *TINY_STEPS], run_dir=run_dir)
     run(cfg)
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -164,20 +155,20 @@ def test_wandb_logger_writes_an_offline_run_in_the_run_folder(tmp_path, tiny_mod
 
 # ------------------------------------------------------------------------------------- paper experiments
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_paper_experiment_runs_end_to_end_on_a_tiny_tree(tmp_path, tiny_model, experiment):
+def test_paper_experiment_runs_end_to_end_on_a_tiny_tree(tmp_path, all_words_model, experiment):
     from hydra.utils import instantiate
 
     if experiment not in TREES:
         pytest.fail(f"experiment {experiment!r} has no tiny data tree: add its builder to TREES (tests/trees.py)")
     root = TREES[experiment](tmp_path / "data")
     run_dir = tmp_path / "run"
-    cfg = compose([f"+experiment={experiment}", f"stages=[{','.join(ALL_STAGES)}]", f"model.path={tiny_model}",
+    cfg = compose([f"+experiment={experiment}", f"stages=[{','.join(ALL_STAGES)}]", f"model.path={all_words_model}",
                    f"data.root={root}", "logger=none", *TINY_STEPS, *TINY_PAPER], run_dir=run_dir)
 
     # the tiny tokenizer holds every concept word as one token, as SD's does for these words
     from conceptdistill.diffusion.loading import load_diffusion_parts
 
-    tokenizer = load_diffusion_parts(tiny_model).tokenizer
+    tokenizer = load_diffusion_parts(all_words_model).tokenizer
     for word in cfg.concept:
         assert tokenizer.tokenize(word) == [f"{word}</w>"]
 
@@ -230,7 +221,7 @@ def test_missing_model_folder_says_how_to_provide_weights(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ imperfect data sets
-def test_corrupt_grayscale_and_rgba_images_are_skipped_or_converted_and_reported(tmp_path, tiny_model, caplog):
+def test_corrupt_grayscale_and_rgba_images_are_skipped_or_converted_and_reported(tmp_path, all_words_model, caplog):
     root = make_cub(tmp_path / "data")
     lines = dict(line.split() for line in (root / "images.txt").read_text().splitlines())
     train = [rel for n, rel in lines.items() if int(n) <= 4]  # make_cub: images 1-4 are the train split
@@ -238,7 +229,7 @@ def test_corrupt_grayscale_and_rgba_images_are_skipped_or_converted_and_reported
     write_image(root / "images" / train[2], w=32, h=24, mode="RGBA", seed=12, fmt="PNG")  # RGBA (a PNG named .jpg)
     (root / "images" / train[3]).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG" * 20)  # corrupt
     run_dir = tmp_path / "run"
-    cfg = compose(["+experiment=cub_birds", f"stages=[{','.join(ALL_STAGES)}]", f"model.path={tiny_model}",
+    cfg = compose(["+experiment=cub_birds", f"stages=[{','.join(ALL_STAGES)}]", f"model.path={all_words_model}",
                    f"data.root={root}", "data.val_fraction=0", "logger=none", *TINY_STEPS, *TINY_PAPER],
                   run_dir=run_dir)
     caplog.set_level(logging.INFO, logger="conceptdistill.data")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from conceptdistill import runner
 from conceptdistill.data.base import collate_samples
-from conceptdistill.diffusion.loading import load_diffusion_parts, save_diffusion_parts
+from conceptdistill.diffusion.loading import load_diffusion_parts
 from conceptdistill.diffusion.tiny import build_tiny_parts
 from conceptdistill.maskmath import rectangle_rules_for
 from conceptdistill.stages.finetune import (
@@ -32,25 +32,8 @@ from conceptdistill.stages.finetune import (
 FOREGROUND = "a photo of a circle"
 BACKGROUND = "a photo of a background"
 RULES = rectangle_rules_for(16)  # the tiny UNet's 16x16 latent grid
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(autouse=True)
-def single_thread(monkeypatch):
-    """One torch thread: the two cores may be shared with another job, and two threads fighting a second
-    process over two cores run the tiny UNet 10-100x slower. `run()` would set all cores."""
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(runner, "_configure_torch", lambda: torch.set_num_threads(1))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """The seed-0 tiny SD-shaped pipeline (KL VAE: 32 px images -> 16x16 latents) saved in diffusers layout."""
-    folder = tmp_path_factory.mktemp("tiny-model") / "pipeline"
-    save_diffusion_parts(build_tiny_parts(), folder)
-    return folder
 
 
 class TinyConceptData(Dataset):

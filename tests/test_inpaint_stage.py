@@ -28,20 +28,7 @@ from conceptdistill.stages.inpaint import BackgroundInpainter
 from conceptdistill.utils.seeding import sample_generators
 
 BACKGROUND_PROMPT = "a photo of a background"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP threads
-    waiting on each other make a UNet pass several times slower. The runner would reset the count to
-    all cores, so its torch set-up is skipped here (it only sets thread count and matmul precision)."""
-    from conceptdistill import runner
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(runner, "_configure_torch", lambda: None)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,14 +167,7 @@ def test_inpainting_keeps_the_known_region() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory) -> str:
-    from conceptdistill.diffusion.loading import save_diffusion_parts
-
-    return str(save_diffusion_parts(build_tiny_parts(), tmp_path_factory.mktemp("models") / "tiny-sd"))
-
-
-def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path, tiny_model_folder) -> None:
+def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path, tiny_model) -> None:
     from conceptdistill.runner import run
     from conceptdistill.stages.inpaint import OUTPUTS as INPAINT_OUTPUTS
     from conceptdistill.utils.io import load_mask_png
@@ -195,7 +175,7 @@ def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path,
     cfg = compose(
         [
             "stages=[masks,finetune,inpaint]",
-            f"model.path={tiny_model_folder}",
+            f"model.path={tiny_model}",
             "logger=none",
             "data.num_train=8",
             "data.num_test=4",

@@ -19,8 +19,6 @@ from conftest import REPO, compose
 from PIL import Image
 
 from conceptdistill import runner
-from conceptdistill.diffusion.loading import save_diffusion_parts
-from conceptdistill.diffusion.tiny import build_tiny_parts
 from conceptdistill.stages.artifacts import ArtifactStore
 from conceptdistill.stages.masks import OUTPUTS, attention_timesteps
 from conceptdistill.utils.io import read_json
@@ -37,23 +35,7 @@ def mask_overrides(model: Path, batch_size: int = 4) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def single_thread(monkeypatch):
-    """One torch thread: the machine's two cores may be shared with another job, and two threads fighting a
-    second process over two cores run the tiny UNet 10-100x slower. `run()` would set all cores."""
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(runner, "_configure_torch", lambda: torch.set_num_threads(1))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny SD-shaped pipeline (KL VAE, 2x down: 32 px images -> 16x16 latents) saved in diffusers layout."""
-    folder = tmp_path_factory.mktemp("tiny-model") / "pipeline"
-    save_diffusion_parts(build_tiny_parts(), folder)
-    return folder
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

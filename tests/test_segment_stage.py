@@ -14,15 +14,8 @@ from conceptdistill.data.base import collate_samples
 from conceptdistill.stages.segment import MaskedImages, SegmentationModel, training_set
 
 TINY = {"encoder_depth": 3, "decoder_channels": (16, 8, 4)}
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and it does not collapse when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:

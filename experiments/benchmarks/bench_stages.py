@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,15 +44,18 @@ def sd_shaped_unet():
 
 
 def timed(function, repeats: int, device: torch.device) -> float:
-    function()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    """Median seconds of `repeats` calls after one warm-up (the median resists this machine's noise)."""
+    function()
+    times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_unet(name: str, unet, latent_shape, text_shape, batch: int, repeats: int, device, dtype) -> dict:
@@ -95,7 +99,7 @@ def bench_unet(name: str, unet, latent_shape, text_shape, batch: int, repeats: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-sd", action="store_true", help="only the shapes world model")
     args = parser.parse_args()
     device = torch.device(args.device)
