@@ -126,7 +126,9 @@ def training_set(ctx, source: str) -> Dataset:
 def run_segment(ctx) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from conceptdistill.evaluation import log_results
     from conceptdistill.figures import save_grid
+    from conceptdistill.runner import finish_loggers
 
     seg = ctx.cfg.segment
     folder = ctx.stage_dir("segment")
@@ -155,16 +157,21 @@ def run_segment(ctx) -> dict:
             last = source_dir / "last.ckpt"
             trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
             trainer.save_checkpoint(final)
+            finish_loggers()  # one logger run per mask source
         if test is not None:
             tester = ctx.trainer(f"segment-{source}", logger=False)
             scores = tester.test(model, ctx.datamodule.loader(test, batch_size=seg.batch_size), verbose=False)[0]
             rows[ROW_NAMES[source]] = {k.removeprefix("test/"): float(v) for k, v in scores.items()}
             figure_columns[source] = _predictions(model, test, seg.figure_samples)
     summary = {"rows": rows}
+    figures = {}
     if figure_columns:
         samples = [test[i] for i in range(min(seg.figure_samples, len(test)))]
-        save_grid(folder / "segment_grid.png", {"image": [s["image"].numpy() for s in samples], **figure_columns,
-                                                "truth": [s["mask"].numpy() for s in samples]})
+        figures["segment_grid"] = save_grid(
+            folder / "segment_grid.png",
+            {"image": [s["image"].numpy() for s in samples], **figure_columns, "truth": [s["mask"].numpy() for s in samples]},
+        )
+    log_results(ctx, "segment", summary, figures)
     return summary
 
 
