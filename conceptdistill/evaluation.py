@@ -12,8 +12,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from conceptdistill.maskmath import upsample_mask
+from conceptdistill.maskmath import resize_nearest, upsample_mask
 from conceptdistill.metrics import (
+    add_counts,
     all_foreground_scores,
     attention_auc,
     best_centre_box_scores,
@@ -30,30 +31,55 @@ def evaluation_split(ctx) -> str:
     return "test" if "test" in splits else splits[-1]
 
 
-def truths_by_id(dataset) -> dict[str, dict]:
-    """Truth masks (and images, for figures) keyed by sample id."""
+def truths_by_id(dataset, *, images: int = 0) -> dict[str, dict]:
+    """Truth masks keyed by sample id, plus the images of the first `images` samples (for figures only:
+    a whole test set of 512 px float images would not fit in memory)."""
     samples = {}
     for index in range(len(dataset)):
         sample = dataset[index]
-        samples[sample["id"]] = {"mask": sample["mask"].numpy().astype(bool), "image": sample["image"].numpy()}
+        entry = {"mask": sample["mask"].numpy().astype(bool)}
+        if index < images:
+            entry["image"] = sample["image"].numpy()
+        samples[sample["id"]] = entry
     return samples
 
 
-def upsample_map(attention: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a float map to the image grid (as the masks are)."""
-    rows = (np.arange(size[0]) * attention.shape[0] // size[0])[:, None]
-    cols = (np.arange(size[1]) * attention.shape[1] // size[1])[None, :]
-    return attention[rows, cols]
-
-
 def mask_scores(predictions: Iterable[np.ndarray], truths: Iterable[np.ndarray]) -> dict[str, float]:
-    """Pooled acc / IoU / mIoU (+ per-image mean IoU) of bool masks, upsampled to the truths' size."""
-    predictions, truths = list(predictions), list(truths)
-    resized = [upsample_mask(p, t.shape) for p, t in zip(predictions, truths, strict=True)]
-    counts = pooled_counts(resized, truths)
+    """Pooled acc / IoU / mIoU (+ per-image mean IoU) of bool masks, each upsampled to its truth's size.
+
+    Streams over the pairs, so only one upsampled mask exists at a time."""
+    counts, ious, pairs = None, 0.0, 0
+    for prediction, truth in zip(predictions, truths, strict=True):
+        resized = upsample_mask(prediction, truth.shape)
+        image_counts = pooled_counts(resized, truth)
+        counts = image_counts if counts is None else add_counts(counts, image_counts)
+        ious += mean_iou_per_image([resized], [truth])
+        pairs += 1
+    if counts is None:
+        raise ValueError("no masks to score")
     scores = scores_from_counts(counts)
-    scores["iou_per_image"] = mean_iou_per_image(resized, truths)
+    scores["iou_per_image"] = ious / pairs
     return scores
+
+
+def sampled_pixels(
+    maps: list[np.ndarray], truths: list[np.ndarray], *, budget: int = 4_000_000, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each map upsampled to its truth's grid, as flat (map values, truth values) pixel lists; beyond
+    `budget` pixels in all, the same number of pixels is drawn from every image (seeded), so the AUC of a
+    large test set is estimated without holding every full-resolution map at once."""
+    total = sum(t.size for t in truths)
+    per_image = None if total <= budget else max(1, budget // len(truths))
+    rng = np.random.default_rng(seed)
+    values, labels = [], []
+    for attention, truth in zip(maps, truths, strict=True):
+        up, flat_truth = resize_nearest(attention, truth.shape).ravel(), truth.ravel()
+        if per_image is not None and per_image < up.size:
+            keep = rng.choice(up.size, size=per_image, replace=False)
+            up, flat_truth = up[keep], flat_truth[keep]
+        values.append(up)
+        labels.append(flat_truth)
+    return values, labels
 
 
 def evaluate_mask_stage(ctx, module) -> dict:
@@ -67,8 +93,10 @@ def evaluate_mask_stage(ctx, module) -> dict:
         return {}
     split = evaluation_split(ctx)
     store = mask_store(ctx, split)
-    truth = truths_by_id(datamodule.dataset(split))
+    count = ctx.cfg.masks.figure_samples
+    truth = truths_by_id(datamodule.dataset(split), images=max(count, 32))
     ids = [sid for sid in truth if store.has(sid)]
+    pictured = [sid for sid in ids if "image" in truth[sid]]
     truths = [truth[sid]["mask"] for sid in ids]
     maps = [store.load("attention", sid) for sid in ids]
     masks = [store.load("mask", sid) for sid in ids]
@@ -81,19 +109,18 @@ def evaluate_mask_stage(ctx, module) -> dict:
     summary = {
         "split": split,
         "images": len(ids),
-        "attention_auc": attention_auc([upsample_map(m, t.shape) for m, t in zip(maps, truths, strict=True)], truths),
+        "attention_auc": attention_auc(*sampled_pixels(maps, truths, seed=ctx.cfg.seed)),
         "attention_contrast": attention_contrast(maps, truths),
         "rows": rows,
-        "layers": per_layer_diagnostics(module, ids[:32], truth),
+        "layers": per_layer_diagnostics(module, pictured[:32], truth),
     }
-    count = ctx.cfg.masks.figure_samples
     figure = save_grid(
         ctx.stage_dir("masks") / "masks_grid.png",
         {
-            "image": [truth[sid]["image"] for sid in ids[:count]],
-            "attention A": maps[:count],
-            "M_pre": masks[:count],
-            "truth": truths[:count],
+            "image": [truth[sid]["image"] for sid in pictured[:count]],
+            "attention A": [store.load("attention", sid) for sid in pictured[:count]],
+            "M_pre": [store.load("mask", sid) for sid in pictured[:count]],
+            "truth": [truth[sid]["mask"] for sid in pictured[:count]],
         },
     )
     log_results(ctx, "masks", summary, {"masks_grid": figure})
@@ -105,7 +132,7 @@ def attention_contrast(maps: list[np.ndarray], truths: list[np.ndarray]) -> floa
     inside = outside = 0.0
     n_in = n_out = 0
     for attention, truth in zip(maps, truths, strict=True):
-        up = upsample_map(attention, truth.shape)
+        up = resize_nearest(attention, truth.shape)
         inside += float(up[truth].sum())
         outside += float(up[~truth].sum())
         n_in += int(truth.sum())
@@ -125,7 +152,7 @@ def per_layer_diagnostics(module, ids: list[str], truth: dict[str, dict]) -> dic
     for layer, maps in attention_store.per_layer_mean().items():
         layer_maps = list(maps.float().cpu().numpy())
         try:
-            auc = attention_auc([upsample_map(m, t.shape) for m, t in zip(layer_maps, truths, strict=True)], truths)
+            auc = attention_auc(*sampled_pixels(layer_maps, truths))
         except ValueError:
             auc = float("nan")
         result[layer] = {"auc": auc, "contrast": attention_contrast(layer_maps, truths)}
@@ -167,20 +194,21 @@ def evaluate_inpaint_stage(ctx) -> dict:
         return {}
     split = evaluation_split(ctx)
     refined, prelim = inpaint_store(ctx, split), mask_store(ctx, split)
-    truth = truths_by_id(datamodule.dataset(split))
+    count = ctx.cfg.inpaint.figure_samples
+    truth = truths_by_id(datamodule.dataset(split), images=count)
     ids = [sid for sid in truth if refined.has(sid)]
+    pictured = [sid for sid in ids if "image" in truth[sid]][:count]
     truths = [truth[sid]["mask"] for sid in ids]
     masks = [refined.load("mask", sid) for sid in ids]
     summary = {"split": split, "images": len(ids), "rows": {"refined_masks": mask_scores(masks, truths)}}
-    count = ctx.cfg.inpaint.figure_samples
     figure = save_grid(
         ctx.stage_dir("inpaint") / "inpaint_grid.png",
         {
-            "image": [truth[sid]["image"] for sid in ids[:count]],
-            "M_pre": [prelim.load("mask", sid) for sid in ids[:count]],
-            "background B": [refined.load("background", sid) for sid in ids[:count]],
-            "refined M": masks[:count],
-            "truth": truths[:count],
+            "image": [truth[sid]["image"] for sid in pictured],
+            "M_pre": [prelim.load("mask", sid) for sid in pictured],
+            "background B": [refined.load("background", sid) for sid in pictured],
+            "refined M": [refined.load("mask", sid) for sid in pictured],
+            "truth": [truth[sid]["mask"] for sid in pictured],
         },
     )
     log_results(ctx, "inpaint", summary, {"inpaint_grid": figure})

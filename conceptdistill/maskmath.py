@@ -28,6 +28,7 @@ __all__ = [
     "majority_filter",
     "rectangle_rules_for",
     "refine_mask",
+    "resize_nearest",
     "sample_background_rectangle",
     "upsample_mask",
 ]
@@ -127,19 +128,24 @@ def binarize_map(
 # --------------------------------------------------------------------------------------------------
 
 
-def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of the last two axes to `size` = (H, W); any factor, integer or not.
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of the last two axes to `size` = (H, W), keeping the dtype; any factor.
 
     Hand-written index arithmetic: output pixel i reads source pixel floor(i * h_in / H), the convention
     of torch's `interpolate(mode="nearest")`; scipy's zoom(order=0) rounds differently at non-integer
     factors. Integer factors reduce to pixel repetition.
     """
-    mask = np.asarray(mask)
+    array = np.asarray(array)
     out_h, out_w = size
-    in_h, in_w = mask.shape[-2:]
+    in_h, in_w = array.shape[-2:]
     rows = (np.arange(out_h) * in_h) // out_h
     cols = (np.arange(out_w) * in_w) // out_w
-    return mask[..., rows[:, None], cols[None, :]].astype(bool)
+    return array[..., rows[:, None], cols[None, :]]
+
+
+def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`resize_nearest` of a mask, as bool (latent-resolution masks to the image grid)."""
+    return resize_nearest(mask, size).astype(bool)
 
 
 def refine_mask(

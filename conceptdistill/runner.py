@@ -41,7 +41,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 #: stages that always run (cheap, and they summarise whatever exists)
 ALWAYS_RUN = {"report", "predict"}
 #: stages that read the data set (checked before anything runs, so a wrong data root fails at once)
-STAGES_READING_DATA = set(STAGE_INPUTS) - {"report"}
+STAGES_READING_DATA = set(STAGE_INPUTS) - {"report", "predict"}
 #: config sections every stage's results depend on
 SHARED_SETTINGS = ("seed", "concept", "prompts", "data", "model")
 

@@ -149,10 +149,9 @@ def planning_parts():
 def test_background_task_masks_background_inside_one_rectangle(planning_parts):
     module = make_module("full", parts=planning_parts, background_probability=1.0)
     batch = collate_samples([TinyConceptData(8)[i] for i in range(8)])
-    captions, loss_mask, inpaint_mask = module.plan_batch(batch)
+    captions, loss_mask = module.plan_batch(batch)
     assert captions == [BACKGROUND] * 8
     assert loss_mask.shape == (8, 1, 16, 16)
-    torch.testing.assert_close(inpaint_mask, loss_mask)
     for i in range(8):
         background = ~batch["prelim_mask"][i].numpy()
         mask = loss_mask[i, 0].numpy().astype(bool)
@@ -168,7 +167,7 @@ def test_object_task_has_full_mask_and_foreground_prompt(planning_parts):
         (make_module("full", parts=planning_parts, background_probability=1.0),
          {k: v for k, v in batch.items() if k != "prelim_mask"}),
     ):  # fmt: skip
-        captions, loss_mask, _ = module.plan_batch(plan_input)
+        captions, loss_mask = module.plan_batch(plan_input)
         assert captions == [FOREGROUND] * 8
         assert torch.equal(loss_mask, torch.ones(8, 1, 16, 16))
 
@@ -182,7 +181,7 @@ def test_plan_is_deterministic_per_seed_step_and_sample(planning_parts, monkeypa
 
     def plans(seed: int, batch: dict):
         module = make_module("full", parts=planning_parts, background_probability=0.5, seed=seed)
-        captions, mask, _ = module.plan_batch(batch)
+        captions, mask = module.plan_batch(batch)
         return captions, mask
 
     first = plans(0, batch)

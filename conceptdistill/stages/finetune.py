@@ -140,8 +140,9 @@ class ConceptDistillationFineTuner(pl.LightningModule):
         # Seeded by (run seed, step, sample): reproducible, and exact after resuming from a checkpoint.
         return np.random.default_rng(sample_seed(self.hparams.seed, f"{sample_id}@{self.global_step}", "finetune"))
 
-    def plan_batch(self, batch: dict) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Per sample: the caption, the loss mask (B, 1, h, w) and the 9-channel inpainting mask."""
+    def plan_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
+        """Per sample: the caption and the loss mask (B, 1, h, w), which is also what a 9-channel UNet is
+        told to repaint (all ones for the object task: the whole image is generated)."""
         hp = self.hparams
         ids = batch["id"]
         h, w = self.parts.latent_shape[1:]
@@ -160,12 +161,11 @@ class ConceptDistillationFineTuner(pl.LightningModule):
                 if hp.caption_dropout and rng.random() < hp.caption_dropout:
                     caption = ""
                 captions.append(caption)
-        loss_mask = torch.from_numpy(loss_masks).to(self.device)
-        return captions, loss_mask, loss_mask.clone()
+        return captions, torch.from_numpy(loss_masks).to(self.device)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         ids = batch["id"]
-        captions, loss_mask, inpaint_mask = self.plan_batch(batch)
+        captions, loss_mask = self.plan_batch(batch)
         with torch.no_grad():
             latents = self.parts.encode_images(batch["image"])
         generators = sample_generators(self.hparams.seed, [f"{i}@{self.global_step}" for i in ids], "finetune-noise")
@@ -178,7 +178,7 @@ class ConceptDistillationFineTuner(pl.LightningModule):
         text = self.parts.encode_prompts(captions, grad=self.hparams.train_text_encoder)
         if self.parts.unet_in_channels > latents.shape[1]:
             # 9-channel input: what to repaint (the loss region) and the latent with that region blanked.
-            noisy = torch.cat([noisy, inpaint_mask, latents * (1 - inpaint_mask)], dim=1)
+            noisy = torch.cat([noisy, loss_mask, latents * (1 - loss_mask)], dim=1)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
         loss = masked_mse(prediction, noise, loss_mask)
         self._log_task_losses(prediction, noise, loss_mask, captions, len(ids))

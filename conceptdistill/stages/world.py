@@ -87,13 +87,13 @@ def run_world(ctx) -> dict:
     )
     samples = fidelity.pop("samples")
     prompts = fidelity.pop("prompts")
-    per_column = 8
-    grid = save_grid(
-        folder / "samples_grid.png",
-        {f"{p.removeprefix('a photo of a ')}": [samples[i].numpy() for i in range(j, len(prompts), len(shapes) * len(colours))][:per_column]
-         for j, p in enumerate(prompts[: len(shapes) * len(colours)])},
-        cell=48,
-    )
+    # one column per prompt (the fidelity prompts cycle through every colour-shape pair), 8 samples each
+    columns: dict[str, list] = {}
+    for sample, prompt in zip(samples.numpy(), prompts, strict=True):
+        column = columns.setdefault(prompt.removeprefix("a photo of a "), [])
+        if len(column) < 8:
+            column.append(sample)
+    grid = save_grid(folder / "samples_grid.png", columns, cell=48)
     summary = {
         **fidelity,
         "classifier_accuracy": classifier_accuracy,
