@@ -24,7 +24,7 @@ install: $(STAMP)  ## create .venv with the pinned versions (only when missing o
 test: $(STAMP)  ## the default test run (slow tests excluded)
 	$(PY) -m pytest
 
-test-slow: $(STAMP)  ## only the slow tests (DDP on two CPU processes, the full demo)
+test-slow: $(STAMP)  ## only the slow tests (fine-tuning with DDP on two CPU processes)
 	$(PY) -m pytest -m slow
 
 demo: $(STAMP)  ## the whole method on the shapes world, on the CPU (rerun to resume)
