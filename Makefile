@@ -36,7 +36,7 @@ reproduce: $(STAMP)  ## rerun the recorded experiments and refresh experiments/<
 		mkdir -p experiments/$$name && cp runs/reproduce/$$name/report/results.* runs/reproduce/$$name/report/*.png experiments/$$name/; \
 	done
 
-world-model: $(STAMP)  ## retrain the shapes world's diffusion model and install it in the package
+world-model: $(STAMP)  ## retrain the shapes world's diffusion model into the package (WORLD_ARGS="trainer=gpu ...")
 	$(RUN) stages=[world] hydra.run.dir=runs/world-model $(WORLD_ARGS)
 	rm -rf conceptdistill/assets/shapes_world
 	cp -r runs/world-model/world/pipeline conceptdistill/assets/shapes_world
