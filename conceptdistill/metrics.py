@@ -62,16 +62,19 @@ def _as_bool(x: Any) -> np.ndarray:
     raise TypeError(f"expected a bool or 0/1 integer mask, got dtype {array.dtype}; threshold it first")
 
 
+def _zip_images(values: Masks, truth: Masks, what: str) -> list[tuple[Any, Any]]:
+    """Pair up per-image values and truths given as two arrays or two sequences of per-image arrays."""
+    if isinstance(values, (list, tuple)) or isinstance(truth, (list, tuple)):
+        if len(values) != len(truth):
+            raise ValueError(f"{len(values)} {what} for {len(truth)} truths")
+        return list(zip(values, truth, strict=True))
+    return [(values, truth)]
+
+
 def _pairs(pred: Masks, truth: Masks) -> list[tuple[np.ndarray, np.ndarray]]:
     """Pair up predictions and truths given as two arrays or two sequences of per-image arrays."""
-    if isinstance(pred, (list, tuple)) or isinstance(truth, (list, tuple)):
-        if len(pred) != len(truth):
-            raise ValueError(f"{len(pred)} predictions for {len(truth)} truths")
-        pairs = list(zip(pred, truth, strict=True))
-    else:
-        pairs = [(pred, truth)]
     out = []
-    for p, t in pairs:
+    for p, t in _zip_images(pred, truth, "predictions"):
         p, t = _as_bool(p), _as_bool(t)
         if p.shape != t.shape:
             raise ValueError(f"prediction shape {p.shape} != truth shape {t.shape}")
@@ -219,14 +222,8 @@ def attention_auc(maps: Masks, truths: Masks, *, max_pixels: int | None = 10_000
     uniform subsample of `max_pixels` pixels (seeded by `seed`) is scored. Raises ValueError when the
     truths hold only one class.
     """
-    if isinstance(maps, (list, tuple)) or isinstance(truths, (list, tuple)):
-        if len(maps) != len(truths):
-            raise ValueError(f"{len(maps)} maps for {len(truths)} truths")
-        pairs = list(zip(maps, truths, strict=True))
-    else:
-        pairs = [(maps, truths)]
     scores, labels = [], []
-    for m, t in pairs:
+    for m, t in _zip_images(maps, truths, "maps"):
         m, t = _to_numpy(m).astype(np.float64, copy=False), _as_bool(t)
         if m.shape != t.shape:
             raise ValueError(f"map shape {m.shape} != truth shape {t.shape}; upsample the map first")
