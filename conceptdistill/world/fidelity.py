@@ -3,6 +3,14 @@
 A small CNN learns (shape, colour) -- with "none" for empty images -- from rendered world images and their
 true labels. It then labels the diffusion model's samples: a sample is faithful when both predicted labels
 match its prompt; a background-prompt sample is faithful when the classifier sees no object.
+
+The judge must read samples, not renders: a sample's edges are a little ragged and its colours a little
+noisy, which a classifier trained on clean hard-edged renders had never seen. Two things made it reliable
+(measured against blind hand labels of 2 x 240 samples, experiments/shapes/fidelity_check.md): label-
+preserving degradations while training (slight elastic warps, blur, noise), and a fourth conv block, so
+each feature sees 31 x 31 of the 32 x 32 pixels (with three blocks, 18 x 18: less than a large triangle,
+so shapes had to be told apart by their corners alone). Agreement on the unambiguous samples rose from
+0.80 to 0.95.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
 from conceptdistill.diffusion.sampling import sample_latents
 from conceptdistill.utils.seeding import sample_generators
@@ -34,9 +43,12 @@ class ShapeColourClassifier(pl.LightningModule):
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
-        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            block(3, 32), block(32, 64), block(64, 128), block(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.shape_head = nn.Linear(128, len(self.shape_names))
         self.colour_head = nn.Linear(128, len(self.colour_names))
+        self.degrade = sample_like_degradation()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(images * 2 - 1)
@@ -48,7 +60,9 @@ class ShapeColourClassifier(pl.LightningModule):
         return shape, colour
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        shape_logits, colour_logits = self(batch["image"])
+        # one random degradation per image (a v2 transform called on a batch would share it)
+        images = torch.stack([self.degrade(image) for image in batch["image"]])
+        shape_logits, colour_logits = self(images)
         shape, colour = self._targets(batch)
         loss = F.cross_entropy(shape_logits, shape) + F.cross_entropy(colour_logits, colour)
         self.log("train/classifier_loss", loss, prog_bar=True, batch_size=len(shape))
@@ -67,10 +81,21 @@ class ShapeColourClassifier(pl.LightningModule):
         ]
 
 
+def sample_like_degradation() -> v2.Transform:
+    """Label-preserving changes that make renders look like diffusion samples: edges displaced by about
+    a pixel (elastic warps, strengths chosen by eye against samples), softened edges and pixel noise."""
+    return v2.Compose([
+        v2.RandomApply([v2.RandomChoice([v2.ElasticTransform(alpha=alpha, sigma=0.8) for alpha in (2.0, 4.0, 6.0)])], p=0.8),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 0.8))], p=0.5),
+        v2.GaussianNoise(sigma=0.02, clip=True),
+    ])
+
+
 def train_classifier(datamodule, trainer_factory, *, num_images: int, epochs: int, seed: int) -> tuple[ShapeColourClassifier, float]:
     """Train on `num_images` captioned world images; returns the classifier and its held-out accuracy
     (both labels right), so a fidelity figure can be read against the judge's own error rate."""
     world = datamodule.world
+    pl.seed_everything(seed, workers=True)  # initial weights, data order and degradations: one judge per seed
     train = datamodule.caption_dataset(num_images, seed=seed + 1)
     held_out = datamodule.caption_dataset(1000, seed=seed + 2)
     classifier = ShapeColourClassifier(list(world.shapes), list(world.colours))
@@ -94,7 +119,8 @@ def prompt_fidelity(
     parts, classifier: ShapeColourClassifier, *, shapes: list[str], colours: list[str], num_samples: int,
     num_background_samples: int, steps: int, guidance_scale: float, seed: int, batch_size: int = 64,
 ) -> dict:
-    """Sample from the model and score how often the classifier finds what the prompt asked for."""
+    """Sample from the model and score how often the classifier finds what the prompt asked for. Also
+    returns the samples, their prompts and the classifier's (shape, colour) label for each."""
     prompts = fidelity_prompts(shapes, colours, num_samples)
     prompts += [("a photo of a background", NONE, NONE)] * num_background_samples
     images, labels = [], []
@@ -118,4 +144,5 @@ def prompt_fidelity(
         "background_fidelity": sum(seen == (NONE, NONE) for seen in backgrounds) / max(len(backgrounds), 1),
         "samples": torch.cat(images),
         "prompts": [p for p, _, _ in prompts],
+        "labels": labels,
     }
