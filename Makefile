@@ -36,10 +36,12 @@ reproduce: $(STAMP)  ## rerun the recorded experiments and refresh experiments/<
 		mkdir -p experiments/$$name && cp runs/reproduce/$$name/report/results.* runs/reproduce/$$name/report/*.png experiments/$$name/; \
 	done
 
+# WORLD_ARGS="world.init_from=packaged world.max_steps=0" measures the committed model again without training it.
 world-model: $(STAMP)  ## retrain the shapes world's diffusion model into the package (WORLD_ARGS="trainer=gpu ...")
 	$(RUN) stages=[world] hydra.run.dir=runs/world-model $(WORLD_ARGS)
 	rm -rf conceptdistill/assets/shapes_world
 	cp -r runs/world-model/world/pipeline conceptdistill/assets/shapes_world
+	cp runs/world-model/world/samples_grid.png experiments/shapes/world_model_samples.png
 
 bench: $(STAMP)  ## stage throughput benchmarks, recorded in experiments/benchmarks/
 	$(PY) experiments/benchmarks/bench_stages.py

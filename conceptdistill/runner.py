@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from functools import cached_property
 from pathlib import Path
@@ -172,6 +173,11 @@ class RunContext:
         kwargs.setdefault("enable_model_summary", False)
         kwargs.update(overrides)
         return pl.Trainer(**kwargs)
+
+
+def command_line() -> str:
+    """How this run was started, for the records it writes (results.json, a world model's training.json)."""
+    return "python -m conceptdistill " + " ".join(sys.argv[1:])
 
 
 def finish_loggers() -> None:

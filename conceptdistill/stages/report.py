@@ -9,9 +9,9 @@ from __future__ import annotations
 import datetime
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from conceptdistill.runner import command_line
 from conceptdistill.utils.io import write_json
 
 #: (key in results.json, label in results.md), in the ladder's order
@@ -52,7 +52,7 @@ def collect_results(ctx) -> dict:
     results = {
         "experiment": ctx.cfg.experiment,
         "date": datetime.date.today().isoformat(),
-        "command": "python -m conceptdistill " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "git_commit": git_commit(),
         "concept": list(ctx.cfg.concept),
         "rows": {key: rows[key] for key, _ in ROWS if key in rows},

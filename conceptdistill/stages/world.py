@@ -4,24 +4,31 @@ The stand-in for Stable Diffusion. It is the fine-tuner of stage "finetune" in `
 encoder trained too, each image's own caption, caption dropout (for classifier-free guidance) and an EMA
 of the UNet weights. The result is saved as a diffusers-layout folder (`world/pipeline`) that the ordinary
 loader reads; later stages of the same run use it. `make world-model` copies it into the package, which
-is how the committed model was made. Its prompt fidelity is measured with a classifier on true labels.
+is how the committed model was made. Its prompt fidelity is measured with a classifier on true labels
+(conceptdistill.world.fidelity) and recorded in the folder's training.json. `world.max_steps=0` with
+`world.init_from` measures an existing model again without training it, keeping its training record.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
-import sys
 import time
-from datetime import timedelta
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from conceptdistill.runner import command_line
 from conceptdistill.stages.finetune import ConceptDistillationFineTuner
 from conceptdistill.utils.io import write_json
 
 log = logging.getLogger(__name__)
+#: what a fidelity measurement writes into training.json (redone when a model is measured again)
+FIDELITY_KEYS = ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "background_fidelity",
+                 "classifier_accuracy", "fidelity_settings")
 
 
 def run_world(ctx) -> dict:
@@ -52,28 +59,14 @@ def run_world(ctx) -> dict:
             block_out_channels=tuple(arch.block_out_channels), layers_per_block=arch.layers_per_block,
             attention_heads=arch.attention_heads, text_dim=arch.text_dim, text_layers=arch.text_layers, seed=cfg.seed,
         )
-    module = ConceptDistillationFineTuner(
-        parts, adapter="full", learning_rate=world_cfg.learning_rate, weight_decay=world_cfg.weight_decay,
-        warmup_steps=world_cfg.warmup_steps, background_probability=0.0, use_batch_captions=True,
-        caption_dropout=world_cfg.caption_dropout, train_text_encoder=True, ema_decay=world_cfg.ema_decay,
-        seed=cfg.seed,
-    )
-    pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
-    images = datamodule.caption_dataset(world_cfg.num_images)
-    loader = datamodule.loader(images, shuffle=True, batch_size=world_cfg.batch_size)
-    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
-    trainer = ctx.trainer(
-        "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
-        log_every_n_steps=20, max_time=timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,
-    )
-    last = folder / "checkpoints" / "last.ckpt"
-    started = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
-    train_seconds = time.perf_counter() - started
-    module.apply_ema()
-    parts.to(trainer.strategy.root_device)
-    parts.unet.eval(), parts.text_encoder.eval()
-    final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
+    if world_cfg.max_steps > 0:
+        training = _train(ctx, parts, folder)
+    elif world_cfg.get("init_from"):
+        # Measure only: the model keeps its weights and the record of how it was trained.
+        training = _training_record(source)
+        parts.unet.eval(), parts.text_encoder.eval()
+    else:
+        raise ValueError("world.max_steps=0 measures an existing model without training it: set world.init_from too")
 
     fid = world_cfg.fidelity
     classifier, classifier_accuracy = train_classifier(
@@ -87,6 +80,7 @@ def run_world(ctx) -> dict:
     )
     samples = fidelity.pop("samples")
     prompts = fidelity.pop("prompts")
+    fidelity.pop("labels")
     # one column per prompt (the fidelity prompts cycle through every colour-shape pair), 8 samples each
     columns: dict[str, list] = {}
     for sample, prompt in zip(samples.numpy(), prompts, strict=True):
@@ -95,19 +89,16 @@ def run_world(ctx) -> dict:
             column.append(sample)
     grid = save_grid(folder / "samples_grid.png", columns, cell=48)
     summary = {
+        **training,
         **fidelity,
         "classifier_accuracy": classifier_accuracy,
-        "fidelity_settings": {"steps": fid.steps, "guidance_scale": fid.guidance_scale, "samples": fid.num_samples},
-        "final_loss": final_loss,
-        "steps": int(trainer.global_step),
-        "train_seconds": round(train_seconds, 1),
-        "device": str(trainer.strategy.root_device),
+        "fidelity_settings": {"steps": fid.steps, "guidance_scale": fid.guidance_scale, "samples": fid.num_samples,
+                              "command": command_line(), "date": datetime.date.today().isoformat()},
         "parameters": {"unet": sum(p.numel() for p in parts.unet.parameters()),
                        "text_encoder": sum(p.numel() for p in parts.text_encoder.parameters())},
     }
     pipeline = save_diffusion_parts(parts, folder / "pipeline", overwrite=True)
-    write_json(pipeline / "training.json", {**summary, "command": " ".join(sys.argv), "seed": cfg.seed,
-                                            "settings": _plain(world_cfg)})
+    write_json(pipeline / "training.json", summary)
     log_results(ctx, "world", summary, {"world_samples": grid})
     return summary
 
@@ -116,3 +107,48 @@ def _plain(node):
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(node, resolve=True)
+
+
+def _train(ctx, parts, folder) -> dict:
+    """Train `parts` in place (text encoder and UNet; EMA weights applied at the end); returns what the
+    training record keeps."""
+    cfg, world_cfg = ctx.cfg, ctx.cfg.world
+    module = ConceptDistillationFineTuner(
+        parts, adapter="full", learning_rate=world_cfg.learning_rate, weight_decay=world_cfg.weight_decay,
+        warmup_steps=world_cfg.warmup_steps, background_probability=0.0, use_batch_captions=True,
+        caption_dropout=world_cfg.caption_dropout, train_text_encoder=True, ema_decay=world_cfg.ema_decay,
+        seed=cfg.seed,
+    )
+    pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
+    images = ctx.datamodule.caption_dataset(world_cfg.num_images)
+    loader = ctx.datamodule.loader(images, shuffle=True, batch_size=world_cfg.batch_size)
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
+    trainer = ctx.trainer(
+        "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
+        log_every_n_steps=20, max_time=datetime.timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,
+    )
+    last = folder / "checkpoints" / "last.ckpt"
+    started = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    train_seconds = time.perf_counter() - started
+    module.apply_ema()
+    parts.to(trainer.strategy.root_device)
+    parts.unet.eval(), parts.text_encoder.eval()
+    return {
+        "final_loss": float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan")))),
+        "steps": int(trainer.global_step),
+        "train_seconds": round(train_seconds, 1),
+        "device": str(trainer.strategy.root_device),
+        "command": command_line(),
+        "seed": cfg.seed,
+        "settings": _plain(world_cfg),
+    }
+
+
+def _training_record(model_folder) -> dict:
+    """How an existing model was trained (its training.json), without the measurements that get redone."""
+    path = Path(model_folder) / "training.json"
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    return {k: v for k, v in record.items() if k not in FIDELITY_KEYS}
