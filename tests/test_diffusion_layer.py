@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 # huggingface_hub reads this when first imported: set it before diffusers/transformers are imported.
@@ -113,6 +114,14 @@ def test_save_refuses_to_overwrite_unless_asked(tiny: DiffusionParts, tmp_path: 
     save_diffusion_parts(tiny, target, overwrite=True)
     assert not (target / "something").exists() and (target / "model_index.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or trash folders left behind
+
+
+def test_a_loaded_and_saved_model_does_not_record_where_it_was_loaded_from(saved_tiny: Path, tmp_path: Path) -> None:
+    resaved = save_diffusion_parts(load_diffusion_parts(saved_tiny), tmp_path / "again")
+    for config in resaved.glob("*/config.json"):
+        assert "_name_or_path" not in json.loads(config.read_text()), config
+        assert str(saved_tiny) not in config.read_text()
+    assert load_diffusion_parts(resaved).unet.config.sample_size == 16
 
 
 def test_missing_folder_raises_model_not_found(tmp_path: Path) -> None:

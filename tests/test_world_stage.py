@@ -70,6 +70,9 @@ def test_max_steps_zero_measures_a_model_and_keeps_its_weights_and_training_reco
     before, after = weights(source), weights(measured)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)
+    files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file() and p.name != "training.json")
+    assert files == sorted(p.relative_to(measured) for p in measured.rglob("*") if p.is_file() and p.name != "training.json")
+    assert all((source / f).read_bytes() == (measured / f).read_bytes() for f in files)  # not re-saved
     old, new = read_json(source / "training.json"), read_json(measured / "training.json")
     for key in ("steps", "command", "settings", "train_seconds"):
         assert new[key] == old[key]  # how the model was trained is carried over

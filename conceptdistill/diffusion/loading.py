@@ -280,6 +280,7 @@ def save_diffusion_parts(parts: DiffusionParts, folder: str | os.PathLike, *, ov
             pipeline.save_pretrained(staging)
         else:
             _save_parts_individually(parts, staging)
+        _drop_load_paths(staging)
         if folder.exists():
             trash = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(trash, ignore_errors=True)
@@ -292,6 +293,15 @@ def save_diffusion_parts(parts: DiffusionParts, folder: str | os.PathLike, *, ov
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _drop_load_paths(folder: Path) -> None:
+    """Remove the "_name_or_path" that diffusers keeps in a loaded model's config and writes back on save:
+    it is where the model was read from on one machine (an absolute path), not a property of the model."""
+    for config in folder.glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def _library_and_class(obj: Any) -> list[str]:

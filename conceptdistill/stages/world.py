@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -97,7 +98,12 @@ def run_world(ctx) -> dict:
         "parameters": {"unet": sum(p.numel() for p in parts.unet.parameters()),
                        "text_encoder": sum(p.numel() for p in parts.text_encoder.parameters())},
     }
-    pipeline = save_diffusion_parts(parts, folder / "pipeline", overwrite=True)
+    if world_cfg.max_steps > 0:
+        pipeline = save_diffusion_parts(parts, folder / "pipeline", overwrite=True)
+    else:  # unchanged weights: copy the model's files as they are, byte for byte
+        pipeline = folder / "pipeline"
+        shutil.rmtree(pipeline, ignore_errors=True)
+        shutil.copytree(source, pipeline)
     write_json(pipeline / "training.json", summary)
     log_results(ctx, "world", summary, {"world_samples": grid})
     return summary
