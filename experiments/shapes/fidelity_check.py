@@ -7,10 +7,10 @@ not renders. This script measures how far to trust it:
         draws the same 240 samples the world stage scores (200 object prompts, 40 background prompts,
         seed 0), shuffles them and writes numbered sheets with no prompt on them, for labelling by eye;
         sheet position -> sample index is in key.json.
-    python experiments/shapes/fidelity_check.py score [--judge-only 1.5 4]
+    python experiments/shapes/fidelity_check.py score [--judge-seeds 0 1 2] [--judge-only 1.5 4]
         draws the samples again for every guidance scale in fidelity_hand_labels.json, trains the judge
-        exactly as the world stage does, and writes fidelity_check.md / .json next to this file:
-        fidelity by hand and by judge, and how often the two agree.
+        exactly as the world stage does (once per seed), and writes fidelity_check.md / .json next to this
+        file: fidelity by hand and by each judge, and how often they agree.
 
 Hand labels are "<shape> <colour>", "none" (no object) or "unclear <colour>" (an object no shape name fits:
 a blob, two fragments); "unclear" counts as unfaithful, so the hand figure is a strict one.
@@ -97,17 +97,28 @@ def judge_label(label: tuple[str, str]) -> str:
     return "none" if not shape and not colour else f"{shape or 'none'} {colour or 'none'}"
 
 
+def judge_fidelity(prompts: list[str], judge: list[str]) -> dict:
+    """The world stage's two figures from per-sample judge labels: objects as asked, backgrounds empty."""
+    asked = [asked_label(p) for p in prompts]
+    objects = [i for i, a in enumerate(asked) if a != "none"]
+    backgrounds = [i for i, a in enumerate(asked) if a == "none"]
+    return {
+        "prompt_fidelity": sum(judge[i] == asked[i] for i in objects) / len(objects),
+        "background_fidelity": sum(judge[i] == "none" for i in backgrounds) / len(backgrounds),
+    }
+
+
 def agreement_row(prompts: list[str], hand: list[str], judge: list[str]) -> dict:
     """Fidelity by hand (strict) and by judge, and their agreement, for one set of samples."""
     asked = [asked_label(p) for p in prompts]
     objects = [i for i, a in enumerate(asked) if a != "none"]
-    backgrounds = [i for i, a in enumerate(asked) if a == "none"]
     clear = [i for i, h in enumerate(hand) if not h.startswith("unclear")]
+    by_hand, by_judge = judge_fidelity(prompts, hand), judge_fidelity(prompts, judge)
     return {
-        "hand_prompt_fidelity": sum(hand[i] == asked[i] for i in objects) / len(objects),
-        "judge_prompt_fidelity": sum(judge[i] == asked[i] for i in objects) / len(objects),
-        "hand_background_fidelity": sum(hand[i] == "none" for i in backgrounds) / len(backgrounds),
-        "judge_background_fidelity": sum(judge[i] == "none" for i in backgrounds) / len(backgrounds),
+        "hand_prompt_fidelity": by_hand["prompt_fidelity"],
+        "judge_prompt_fidelity": by_judge["prompt_fidelity"],
+        "hand_background_fidelity": by_hand["background_fidelity"],
+        "judge_background_fidelity": by_judge["background_fidelity"],
         "unclear_samples": len(hand) - len(clear),
         "label_agreement_on_clear": sum(hand[i] == judge[i] for i in clear) / len(clear),
         "verdict_agreement": sum((hand[i] == asked[i]) == (judge[i] == asked[i]) for i in objects) / len(objects),
@@ -126,43 +137,53 @@ def score(args) -> None:
     def trainer(**kwargs):
         return Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
-    classifier, accuracy = train_classifier(
-        datamodule, trainer, num_images=fid.classifier_images, epochs=fid.classifier_epochs, seed=cfg.seed
-    )
-    rows = {}
-    for guidance, hand in hand_sets.items():
-        drawn = draw_samples(cfg, datamodule, classifier, float(guidance))
-        judged = [judge_label(label) for label in drawn["labels"]]
-        rows[guidance] = {**agreement_row(drawn["prompts"], hand, judged), "judge_labels": judged}
-    judge_only = {}  # guidance scales without hand labels: the judge's figures alone
-    for guidance in args.judge_only:
-        drawn = draw_samples(cfg, datamodule, classifier, guidance)
-        judge_only[str(guidance)] = {key: drawn[key] for key in ("prompt_fidelity", "background_fidelity")}
+    # Several judges (training seeds) label the same samples: their spread is the judge's own uncertainty.
+    judges = {
+        seed: train_classifier(datamodule, trainer, num_images=fid.classifier_images, epochs=fid.classifier_epochs,
+                               seed=seed)
+        for seed in args.judge_seeds
+    }
+    first = next(iter(judges.values()))[0]
+    rows, judge_only = [], []
+    for guidance in [*hand_sets, *map(str, args.judge_only)]:
+        drawn = draw_samples(cfg, datamodule, first, float(guidance))
+        for seed, (classifier, accuracy) in judges.items():
+            judged = [judge_label(label) for label in classifier.labels(drawn["samples"])]
+            row = {"guidance": guidance, "judge_seed": seed, "judge_held_out_accuracy": accuracy}
+            if guidance in hand_sets:
+                rows.append({**row, **agreement_row(drawn["prompts"], hand_sets[guidance], judged), "judge_labels": judged})
+            else:
+                judge_only.append({**row, **judge_fidelity(drawn["prompts"], judged)})
     command = "python experiments/shapes/fidelity_check.py " + " ".join(sys.argv[1:])
-    record = {"command": command, "date": datetime.date.today().isoformat(), "judge_held_out_accuracy": accuracy,
-              "steps": fid.steps, "seed": cfg.seed, "rows": rows, "judge_only": judge_only}
+    record = {"command": command, "date": datetime.date.today().isoformat(), "steps": fid.steps, "seed": cfg.seed,
+              "rows": rows, "judge_only": judge_only}
     (HERE / "fidelity_check.json").write_text(json.dumps(record, indent=1))
+    accuracies = ", ".join(f"{accuracy:.3f}" for _, accuracy in judges.values())
     lines = [
         "# Prompt fidelity of the committed world model: judge vs blind hand labels",
         "",
-        f"Made by `{command}` on {record['date']} ({fid.steps} DDIM steps, seed {cfg.seed}; 200 object prompts",
-        "and 40 background prompts per guidance scale; hand labels in fidelity_hand_labels.json, given on",
-        "shuffled sheets without prompts). Hand fidelity is strict: an object no shape name fits counts as",
-        f"unfaithful. Judge: held-out accuracy on renders {accuracy:.3f}.",
+        f"Made by `{command}` on {record['date']} ({fid.steps} DDIM steps, sample seed {cfg.seed}; 200 object",
+        "prompts and 40 background prompts per guidance scale; hand labels in fidelity_hand_labels.json, given",
+        "on shuffled sheets without prompts). Hand fidelity is strict: an object no shape name fits counts as",
+        f"unfaithful. One judge per training seed, as the world stage trains it (seed {cfg.seed} is the one whose",
+        f"figure is recorded); held-out accuracy on renders: {accuracies}.",
         "",
-        "| guidance | fidelity, hand | fidelity, judge | background, hand | background, judge "
+        "| guidance | judge seed | fidelity, hand | fidelity, judge | background, hand | background, judge "
         "| unclear | label agreement (clear samples) | faithful/unfaithful verdict agreement |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for guidance, row in rows.items():
+    for row in rows:
         lines.append(
-            f"| {guidance} | {row['hand_prompt_fidelity']:.3f} | {row['judge_prompt_fidelity']:.3f} "
-            f"| {row['hand_background_fidelity']:.3f} | {row['judge_background_fidelity']:.3f} "
-            f"| {row['unclear_samples']} | {row['label_agreement_on_clear']:.3f} | {row['verdict_agreement']:.3f} |"
+            f"| {row['guidance']} | {row['judge_seed']} | {row['hand_prompt_fidelity']:.3f} "
+            f"| {row['judge_prompt_fidelity']:.3f} | {row['hand_background_fidelity']:.3f} "
+            f"| {row['judge_background_fidelity']:.3f} | {row['unclear_samples']} "
+            f"| {row['label_agreement_on_clear']:.3f} | {row['verdict_agreement']:.3f} |"
         )
     if judge_only:
-        lines += ["", "Judge only (no hand labels):", "", "| guidance | fidelity, judge | background, judge |", "|---|---|---|"]
-        lines += [f"| {g} | {row['prompt_fidelity']:.3f} | {row['background_fidelity']:.3f} |" for g, row in judge_only.items()]
+        lines += ["", "Judge only (no hand labels):", "",
+                  "| guidance | judge seed | fidelity, judge | background, judge |", "|---|---|---|---|"]
+        lines += [f"| {row['guidance']} | {row['judge_seed']} | {row['prompt_fidelity']:.3f} "
+                  f"| {row['background_fidelity']:.3f} |" for row in judge_only]
     (HERE / "fidelity_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -176,7 +197,9 @@ def main() -> None:
     sheets.add_argument("--out", default="runs/fidelity_check")
     scoring = commands.add_parser("score", help="judge vs hand labels, written to fidelity_check.md/.json")
     scoring.add_argument("--judge-only", type=float, nargs="*", default=[], metavar="GUIDANCE",
-                         help="more guidance scales to score with the judge alone")
+                         help="more guidance scales to score with the judges alone")
+    scoring.add_argument("--judge-seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                         help="train one judge per seed and report each (default: 0, the world stage's)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     write_sheets(args) if args.command == "sheets" else score(args)
