@@ -182,8 +182,6 @@ def command_line() -> str:
 
 def finish_loggers() -> None:
     """Close a wandb run so that the next stage (or multirun job) starts its own."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()

@@ -46,9 +46,14 @@ def run_world(ctx) -> dict:
     folder = ctx.stage_dir("world")
     shapes, colours = list(datamodule.world.shapes), list(datamodule.world.colours)
     arch = world_cfg.architecture
+    # max_steps 0: measure an existing model; it keeps its weights and the record of how it was trained.
+    measure_only = world_cfg.max_steps <= 0
+    if measure_only and not world_cfg.get("init_from"):
+        raise ValueError("world.max_steps=0 measures an existing model without training it: set world.init_from too")
+    source = None
     if world_cfg.get("init_from"):
-        # Continue training an existing world model (its own architecture and vocabulary) with fresh
-        # optimizer state, e.g. the packaged one on a machine with more compute.
+        # Continue training (or measure) an existing world model, with its own architecture and vocabulary,
+        # e.g. the packaged one on a machine with more compute; the optimizer state starts fresh.
         from conceptdistill.diffusion.loading import load_diffusion_parts
         from conceptdistill.diffusion.registry import PACKAGED_WORLD_MODEL
 
@@ -60,14 +65,8 @@ def run_world(ctx) -> dict:
             block_out_channels=tuple(arch.block_out_channels), layers_per_block=arch.layers_per_block,
             attention_heads=arch.attention_heads, text_dim=arch.text_dim, text_layers=arch.text_layers, seed=cfg.seed,
         )
-    if world_cfg.max_steps > 0:
-        training = _train(ctx, parts, folder)
-    elif world_cfg.get("init_from"):
-        # Measure only: the model keeps its weights and the record of how it was trained.
-        training = _training_record(source)
-        parts.unet.eval(), parts.text_encoder.eval()
-    else:
-        raise ValueError("world.max_steps=0 measures an existing model without training it: set world.init_from too")
+    training = _training_record(source) if measure_only else _train(ctx, parts, folder)
+    parts.unet.eval(), parts.text_encoder.eval()
 
     fid = world_cfg.fidelity
     classifier, classifier_accuracy = train_classifier(
@@ -98,12 +97,12 @@ def run_world(ctx) -> dict:
         "parameters": {"unet": sum(p.numel() for p in parts.unet.parameters()),
                        "text_encoder": sum(p.numel() for p in parts.text_encoder.parameters())},
     }
-    if world_cfg.max_steps > 0:
-        pipeline = save_diffusion_parts(parts, folder / "pipeline", overwrite=True)
-    else:  # unchanged weights: copy the model's files as they are, byte for byte
+    if measure_only:  # unchanged weights: copy the model's files as they are, byte for byte
         pipeline = folder / "pipeline"
         shutil.rmtree(pipeline, ignore_errors=True)
         shutil.copytree(source, pipeline)
+    else:
+        pipeline = save_diffusion_parts(parts, folder / "pipeline", overwrite=True)
     write_json(pipeline / "training.json", summary)
     log_results(ctx, "world", summary, {"world_samples": grid})
     return summary
@@ -116,8 +115,8 @@ def _plain(node):
 
 
 def _train(ctx, parts, folder) -> dict:
-    """Train `parts` in place (text encoder and UNet; EMA weights applied at the end); returns what the
-    training record keeps."""
+    """Train `parts` in place (text encoder and UNet; EMA weights applied at the end, parts left on the
+    training device); returns what the training record keeps."""
     cfg, world_cfg = ctx.cfg, ctx.cfg.world
     module = ConceptDistillationFineTuner(
         parts, adapter="full", learning_rate=world_cfg.learning_rate, weight_decay=world_cfg.weight_decay,
@@ -139,7 +138,6 @@ def _train(ctx, parts, folder) -> dict:
     train_seconds = time.perf_counter() - started
     module.apply_ema()
     parts.to(trainer.strategy.root_device)
-    parts.unet.eval(), parts.text_encoder.eval()
     return {
         "final_loss": float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan")))),
         "steps": int(trainer.global_step),
