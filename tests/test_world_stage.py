@@ -140,10 +140,10 @@ def test_fidelity_check_is_strict_by_hand_and_compares_labels_on_clear_samples_o
     spec = importlib.util.spec_from_file_location("fidelity_check", REPO / "experiments/shapes/fidelity_check.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    prompts = ["a photo of a red circle", "a photo of a blue square", "a photo of a background", "a photo of a red circle"]
-    hand = ["circle red", "unclear blue", "none", "square red"]
-    judge = [check.judge_label(label) for label in [("circle", "red"), ("square", "blue"), ("", ""), ("circle", "red")]]
-    row = check.agreement_row(prompts, hand, judge)
+    asked = [("circle", "red"), ("square", "blue"), ("", ""), ("circle", "red")]
+    hand = [check.hand_label(text) for text in ["circle red", "unclear blue", "none", "square red"]]
+    judge = [("circle", "red"), ("square", "blue"), ("", ""), ("circle", "red")]
+    row = check.agreement_row(asked, hand, judge)
     assert row["hand_prompt_fidelity"] == pytest.approx(1 / 3)  # "unclear" is not faithful
     assert row["judge_prompt_fidelity"] == 1.0
     assert row["hand_background_fidelity"] == row["judge_background_fidelity"] == 1.0

@@ -36,7 +36,7 @@ def run_world(ctx) -> dict:
     from conceptdistill.diffusion.loading import save_diffusion_parts
     from conceptdistill.evaluation import log_results
     from conceptdistill.figures import save_grid
-    from conceptdistill.world.fidelity import prompt_fidelity, train_classifier
+    from conceptdistill.world.fidelity import draw_fidelity_samples, fidelity_scores, train_classifier
     from conceptdistill.world.model import build_world_parts
 
     cfg, world_cfg = ctx.cfg, ctx.cfg.world
@@ -73,24 +73,21 @@ def run_world(ctx) -> dict:
         datamodule, lambda **kw: ctx.trainer("world", logger=False, **kw), num_images=fid.classifier_images,
         epochs=fid.classifier_epochs, seed=cfg.seed,
     )
-    fidelity = prompt_fidelity(
+    drawn = draw_fidelity_samples(
         parts, classifier.to(parts.device), shapes=shapes, colours=colours, num_samples=fid.num_samples,
         num_background_samples=fid.num_background_samples, steps=fid.steps, guidance_scale=fid.guidance_scale,
         seed=cfg.seed, batch_size=cfg.model.batch_size,
     )
-    samples = fidelity.pop("samples")
-    prompts = fidelity.pop("prompts")
-    fidelity.pop("labels")
     # one column per prompt (the fidelity prompts cycle through every colour-shape pair), 8 samples each
     columns: dict[str, list] = {}
-    for sample, prompt in zip(samples.numpy(), prompts, strict=True):
+    for sample, prompt in zip(drawn["samples"].numpy(), drawn["prompts"], strict=True):
         column = columns.setdefault(prompt.removeprefix("a photo of a "), [])
         if len(column) < 8:
             column.append(sample)
     grid = save_grid(folder / "samples_grid.png", columns, cell=48)
     summary = {
         **training,
-        **fidelity,
+        **fidelity_scores(drawn["asked"], drawn["labels"]),
         "classifier_accuracy": classifier_accuracy,
         "fidelity_settings": {"steps": fid.steps, "guidance_scale": fid.guidance_scale, "samples": fid.num_samples,
                               "command": command_line(), "date": datetime.date.today().isoformat()},

@@ -115,12 +115,12 @@ def fidelity_prompts(shapes: list[str], colours: list[str], count: int) -> list[
 
 
 @torch.no_grad()
-def prompt_fidelity(
+def draw_fidelity_samples(
     parts, classifier: ShapeColourClassifier, *, shapes: list[str], colours: list[str], num_samples: int,
     num_background_samples: int, steps: int, guidance_scale: float, seed: int, batch_size: int = 64,
 ) -> dict:
-    """Sample from the model and score how often the classifier finds what the prompt asked for. Also
-    returns the samples, their prompts and the classifier's (shape, colour) label for each."""
+    """Sample every fidelity prompt (then the background prompt) and label each sample with the classifier:
+    the samples, their prompts, the (shape, colour) each prompt asked for and the one the classifier saw."""
     prompts = fidelity_prompts(shapes, colours, num_samples)
     prompts += [("a photo of a background", NONE, NONE)] * num_background_samples
     images, labels = [], []
@@ -134,15 +134,23 @@ def prompt_fidelity(
         batch_images = parts.decode_latents(latents).float().cpu()
         images.append(batch_images)
         labels += classifier.labels(batch_images)
-    # (asked shape, asked colour, seen shape, seen colour) per sample
-    objects = [(s, c, *seen) for (_, s, c), seen in zip(prompts, labels, strict=True) if s != NONE]
-    backgrounds = [seen for (_, s, _), seen in zip(prompts, labels, strict=True) if s == NONE]
     return {
-        "prompt_fidelity": sum(s == ss and c == sc for s, c, ss, sc in objects) / max(len(objects), 1),
-        "shape_fidelity": sum(s == ss for s, _, ss, _ in objects) / max(len(objects), 1),
-        "colour_fidelity": sum(c == sc for _, c, _, sc in objects) / max(len(objects), 1),
-        "background_fidelity": sum(seen == (NONE, NONE) for seen in backgrounds) / max(len(backgrounds), 1),
         "samples": torch.cat(images),
         "prompts": [p for p, _, _ in prompts],
+        "asked": [(shape, colour) for _, shape, colour in prompts],
         "labels": labels,
+    }
+
+
+def fidelity_scores(asked: list[tuple[str, str]], seen: list[tuple[str, str]]) -> dict[str, float]:
+    """From per-sample (shape, colour) labels, NONE meaning no object: how often an object prompt's sample
+    shows what was asked (both labels, shape, colour), and how often a background prompt's shows nothing."""
+    pairs = list(zip(asked, seen, strict=True))
+    objects = [(want, got) for want, got in pairs if want[0] != NONE]
+    backgrounds = [got for want, got in pairs if want[0] == NONE]
+    return {
+        "prompt_fidelity": sum(want == got for want, got in objects) / max(len(objects), 1),
+        "shape_fidelity": sum(want[0] == got[0] for want, got in objects) / max(len(objects), 1),
+        "colour_fidelity": sum(want[1] == got[1] for want, got in objects) / max(len(objects), 1),
+        "background_fidelity": sum(got == (NONE, NONE) for got in backgrounds) / max(len(backgrounds), 1),
     }

@@ -30,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from conceptdistill.world.fidelity import NONE  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 LABELS = HERE / "fidelity_hand_labels.json"
 SHEET_ROWS, SHEET_COLUMNS = 5, 8
@@ -47,16 +49,21 @@ def world_setup():
     return cfg, instantiate(cfg.data)
 
 
-def draw_samples(cfg, datamodule, classifier, guidance_scale: float) -> dict:
-    """The world stage's fidelity measurement on the packaged model (samples, prompts, judge labels)."""
+def packaged_model():
     from conceptdistill.diffusion.loading import load_diffusion_parts
     from conceptdistill.diffusion.registry import PACKAGED_WORLD_MODEL
-    from conceptdistill.world.fidelity import prompt_fidelity
 
     parts = load_diffusion_parts(str(PACKAGED_WORLD_MODEL))
     parts.unet.eval(), parts.text_encoder.eval()
+    return parts
+
+
+def draw_samples(cfg, datamodule, parts, classifier, guidance_scale: float) -> dict:
+    """The world stage's fidelity samples (samples, prompts, asked and judged labels)."""
+    from conceptdistill.world.fidelity import draw_fidelity_samples
+
     fid = cfg.world.fidelity
-    return prompt_fidelity(
+    return draw_fidelity_samples(
         parts, classifier, shapes=list(datamodule.world.shapes), colours=list(datamodule.world.colours),
         num_samples=fid.num_samples, num_background_samples=fid.num_background_samples, steps=fid.steps,
         guidance_scale=guidance_scale, seed=cfg.seed, batch_size=cfg.model.batch_size,
@@ -69,7 +76,7 @@ def write_sheets(args) -> None:
 
     cfg, datamodule = world_setup()
     untrained = ShapeColourClassifier(list(datamodule.world.shapes), list(datamodule.world.colours))
-    drawn = draw_samples(cfg, datamodule, untrained, args.guidance)
+    drawn = draw_samples(cfg, datamodule, packaged_model(), untrained, args.guidance)
     samples = drawn["samples"].numpy()
     order = np.random.default_rng(args.shuffle_seed).permutation(len(samples))
     out = Path(args.out)
@@ -86,34 +93,25 @@ def write_sheets(args) -> None:
     print(f"{len(order)} samples on {sheet + 1} sheets in {out}; the label at sheet position p is sample key[p]")
 
 
-def asked_label(prompt: str) -> str:
-    """'a photo of a red circle' -> 'circle red'; the background prompt -> 'none'."""
-    words = prompt.split()
-    return "none" if words[-1] == "background" else f"{words[-1]} {words[-2]}"
+def hand_label(text: str) -> tuple[str, str]:
+    """A hand label as the judge's (shape, colour): 'circle red' -> ('circle', 'red'), 'none' -> no object,
+    'unclear red' -> ('unclear', 'red'), a shape the judge never answers."""
+    return (NONE, NONE) if text == "none" else tuple(text.split())
 
 
 def judge_label(label: tuple[str, str]) -> str:
+    """A (shape, colour) label written the way hand labels are, for the record."""
     shape, colour = label
     return "none" if not shape and not colour else f"{shape or 'none'} {colour or 'none'}"
 
 
-def judge_fidelity(prompts: list[str], judge: list[str]) -> dict:
-    """The world stage's two figures from per-sample judge labels: objects as asked, backgrounds empty."""
-    asked = [asked_label(p) for p in prompts]
-    objects = [i for i, a in enumerate(asked) if a != "none"]
-    backgrounds = [i for i, a in enumerate(asked) if a == "none"]
-    return {
-        "prompt_fidelity": sum(judge[i] == asked[i] for i in objects) / len(objects),
-        "background_fidelity": sum(judge[i] == "none" for i in backgrounds) / len(backgrounds),
-    }
-
-
-def agreement_row(prompts: list[str], hand: list[str], judge: list[str]) -> dict:
+def agreement_row(asked: list[tuple[str, str]], hand: list[tuple[str, str]], judge: list[tuple[str, str]]) -> dict:
     """Fidelity by hand (strict) and by judge, and their agreement, for one set of samples."""
-    asked = [asked_label(p) for p in prompts]
-    objects = [i for i, a in enumerate(asked) if a != "none"]
-    clear = [i for i, h in enumerate(hand) if not h.startswith("unclear")]
-    by_hand, by_judge = judge_fidelity(prompts, hand), judge_fidelity(prompts, judge)
+    from conceptdistill.world.fidelity import fidelity_scores
+
+    objects = [i for i, want in enumerate(asked) if want[0] != NONE]
+    clear = [i for i, label in enumerate(hand) if label[0] != "unclear"]
+    by_hand, by_judge = fidelity_scores(asked, hand), fidelity_scores(asked, judge)
     return {
         "hand_prompt_fidelity": by_hand["prompt_fidelity"],
         "judge_prompt_fidelity": by_judge["prompt_fidelity"],
@@ -128,10 +126,12 @@ def agreement_row(prompts: list[str], hand: list[str], judge: list[str]) -> dict
 def score(args) -> None:
     from pytorch_lightning import Trainer
 
-    from conceptdistill.world.fidelity import train_classifier
+    from conceptdistill.world.fidelity import fidelity_scores, train_classifier
 
     cfg, datamodule = world_setup()
-    hand_sets = json.loads(LABELS.read_text())["sets"]
+    parts = packaged_model()
+    hand_sets = {guidance: [hand_label(text) for text in labels]
+                 for guidance, labels in json.loads(LABELS.read_text())["sets"].items()}
     fid = cfg.world.fidelity
 
     def trainer(**kwargs):
@@ -146,14 +146,16 @@ def score(args) -> None:
     first = next(iter(judges.values()))[0]
     rows, judge_only = [], []
     for guidance in [*hand_sets, *map(str, args.judge_only)]:
-        drawn = draw_samples(cfg, datamodule, first, float(guidance))
+        drawn = draw_samples(cfg, datamodule, parts, first, float(guidance))
         for seed, (classifier, accuracy) in judges.items():
-            judged = [judge_label(label) for label in classifier.labels(drawn["samples"])]
+            judged = classifier.labels(drawn["samples"])
             row = {"guidance": guidance, "judge_seed": seed, "judge_held_out_accuracy": accuracy}
             if guidance in hand_sets:
-                rows.append({**row, **agreement_row(drawn["prompts"], hand_sets[guidance], judged), "judge_labels": judged})
+                rows.append({**row, **agreement_row(drawn["asked"], hand_sets[guidance], judged),
+                             "judge_labels": [judge_label(label) for label in judged]})
             else:
-                judge_only.append({**row, **judge_fidelity(drawn["prompts"], judged)})
+                scores = fidelity_scores(drawn["asked"], judged)
+                judge_only.append({**row, **{key: scores[key] for key in ("prompt_fidelity", "background_fidelity")}})
     command = "python experiments/shapes/fidelity_check.py " + " ".join(sys.argv[1:])
     record = {"command": command, "date": datetime.date.today().isoformat(), "steps": fid.steps, "seed": cfg.seed,
               "rows": rows, "judge_only": judge_only}
