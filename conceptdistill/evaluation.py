@@ -114,13 +114,14 @@ def evaluate_mask_stage(ctx, module) -> dict:
         "rows": rows,
         "layers": per_layer_diagnostics(module, pictured[:32], truth),
     }
+    shown = [i for i, sid in enumerate(ids) if "image" in truth[sid]][:count]  # positions in ids
     figure = save_grid(
         ctx.stage_dir("masks") / "masks_grid.png",
         {
-            "image": [truth[sid]["image"] for sid in pictured[:count]],
-            "attention A": [store.load("attention", sid) for sid in pictured[:count]],
-            "M_pre": [store.load("mask", sid) for sid in pictured[:count]],
-            "truth": [truth[sid]["mask"] for sid in pictured[:count]],
+            "image": [truth[ids[i]]["image"] for i in shown],
+            "attention A": [maps[i] for i in shown],
+            "M_pre": [masks[i] for i in shown],
+            "truth": [truths[i] for i in shown],
         },
     )
     log_results(ctx, "masks", summary, {"masks_grid": figure})
@@ -197,18 +198,18 @@ def evaluate_inpaint_stage(ctx) -> dict:
     count = ctx.cfg.inpaint.figure_samples
     truth = truths_by_id(datamodule.dataset(split), images=count)
     ids = [sid for sid in truth if refined.has(sid)]
-    pictured = [sid for sid in ids if "image" in truth[sid]][:count]
     truths = [truth[sid]["mask"] for sid in ids]
     masks = [refined.load("mask", sid) for sid in ids]
     summary = {"split": split, "images": len(ids), "rows": {"refined_masks": mask_scores(masks, truths)}}
+    shown = [i for i, sid in enumerate(ids) if "image" in truth[sid]][:count]  # positions in ids
     figure = save_grid(
         ctx.stage_dir("inpaint") / "inpaint_grid.png",
         {
-            "image": [truth[sid]["image"] for sid in pictured],
-            "M_pre": [prelim.load("mask", sid) for sid in pictured],
-            "background B": [refined.load("background", sid) for sid in pictured],
-            "refined M": [refined.load("mask", sid) for sid in pictured],
-            "truth": [truth[sid]["mask"] for sid in pictured],
+            "image": [truth[ids[i]]["image"] for i in shown],
+            "M_pre": [prelim.load("mask", ids[i]) for i in shown],
+            "background B": [refined.load("background", ids[i]) for i in shown],
+            "refined M": [masks[i] for i in shown],
+            "truth": [truths[i] for i in shown],
         },
     )
     log_results(ctx, "inpaint", summary, {"inpaint_grid": figure})
