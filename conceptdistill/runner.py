@@ -11,7 +11,6 @@ rerun of an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -24,37 +23,26 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from conceptdistill.checks import check_hardware, check_settings
+from conceptdistill.stages.registry import INFRASTRUCTURE_KEYS, PRESENTATION_KEYS, StageError, stage_spec
 from conceptdistill.utils.io import read_json, write_json
+
+__all__ = ["RunContext", "StageError", "run", "open_output_folder", "config_view", "result_settings"]
 
 log = logging.getLogger(__name__)
 
-#: stage name -> the stages whose artifacts it reads (their fingerprints feed into its own)
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "world": (),
-    "masks": ("world",),
-    "finetune": ("world", "masks"),
-    "inpaint": ("finetune", "masks"),
-    "synthesize": ("finetune",),
-    "segment": ("masks", "inpaint", "synthesize"),
-    "predict": ("segment",),
-    "report": (),
-}
-#: stages that always run (cheap, and they summarise whatever exists)
-ALWAYS_RUN = {"report", "predict"}
-#: stages that read the data set (checked before anything runs, so a wrong data root fails at once)
-STAGES_READING_DATA = set(STAGE_INPUTS) - {"report", "predict"}
-#: config sections every stage's results depend on
-SHARED_SETTINGS = ("seed", "concept", "prompts", "data", "model")
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as configured; the message says what to do."""
 
 
 class RunContext:
-    """What a stage needs: the config, the run folder, the data, trainers and loggers."""
+    """What a stage needs: the config, the run folder, the data, trainers and loggers.
+
+    `cfg` is the view of the configuration the running stage may read (its declared settings plus the
+    infrastructure keys, see `conceptdistill.stages.registry`); `full_cfg` is the whole composed config, for
+    the runner's own shared resources (data module, model loading, trainers, loggers).
+    """
 
     def __init__(self, cfg: DictConfig) -> None:
+        self.full_cfg = cfg
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,17 +59,21 @@ class RunContext:
         return read_json(path) if path.exists() else None
 
     def fingerprint(self, stage: str) -> str:
-        settings = {key: self._plain(key) for key in SHARED_SETTINGS}
-        settings[stage] = self._plain(stage) if stage in self.cfg else None
-        settings["inputs"] = {
-            name: (self.done_record(name) or {}).get("fingerprint") for name in STAGE_INPUTS.get(stage, ())
-        }
+        """Hash of everything the stage's results depend on: its declared settings (less presentation keys),
+        the model's weights if it reads them, and its inputs' fingerprints as the current config would make
+        them (so a change upstream changes every fingerprint downstream, before anything reruns)."""
+        spec = stage_spec(stage)
+        settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings)}
+        if spec.uses_model:
+            settings["model_weights"] = self.model_fingerprint()
+        settings["inputs"] = {name: self.fingerprint(name) for name in spec.inputs_for(self.full_cfg)}
         blob = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def _plain(self, key: str) -> Any:
-        value = self.cfg.get(key)
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    def model_fingerprint(self) -> str:
+        from conceptdistill.diffusion.loading import model_fingerprint
+
+        return model_fingerprint(self.diffusion_source(), revision=self.full_cfg.model.get("revision"))
 
     def is_complete(self, stage: str) -> bool:
         record = self.done_record(stage)
@@ -90,16 +82,21 @@ class RunContext:
     def prepare_stage_dir(self, stage: str) -> Path:
         """Open a stage folder for (re)work. Partial work done with the same settings is kept (the stage
         resumes it); work done with other settings is moved aside, never deleted."""
-        folder = self.run_dir / stage
-        marker = folder / "FINGERPRINT"
-        fingerprint = self.fingerprint(stage)
-        if folder.exists() and marker.exists() and marker.read_text().strip() != fingerprint:
-            stale = folder.with_name(f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            log.warning("settings of stage %s changed: moving its earlier outputs to %s", stage, stale)
-            shutil.move(str(folder), str(stale))
-        folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(fingerprint + "\n")
-        return folder
+        return open_output_folder(self.run_dir / stage, self.fingerprint(stage), f"stage {stage}")
+
+    def require_inputs(self, stage: str) -> None:
+        """Raise StageError unless every stage `stage` reads is complete for the current settings."""
+        for name in stage_spec(stage).inputs_for(self.full_cfg):
+            if not self.is_complete(name):
+                problem = "has not run" if self.done_record(name) is None else "was made with other settings"
+                raise StageError(
+                    f"stage {stage} reads the outputs of stage {name}, which {problem} in {self.run_dir}: run it "
+                    f"first, e.g. stages=[{name},{stage}]"
+                )
+
+    def view(self, stage: str) -> DictConfig:
+        """The config as stage `stage` may read it: its declared settings and the infrastructure keys."""
+        return config_view(self.full_cfg, (*INFRASTRUCTURE_KEYS, *stage_spec(stage).settings))
 
     # ----- shared resources ---------------------------------------------------------------------
     @cached_property
@@ -110,7 +107,7 @@ class RunContext:
         from conceptdistill.data.readers import DatasetLayoutError
 
         try:
-            return instantiate(self.cfg.data)
+            return instantiate(self.full_cfg.data)
         except InstantiationException as err:
             # Hydra wraps the reader's one-paragraph "what is expected and where" message in its own
             # "Error in call to target ..." text; show the reader's message as it is.
@@ -125,7 +122,7 @@ class RunContext:
             return str(trained)
         from conceptdistill.diffusion.registry import resolve_model_path
 
-        return resolve_model_path(self.cfg.model)
+        return resolve_model_path(self.full_cfg.model)
 
     def load_parts(self, *, finetuned: bool = False):
         """The diffusion model's parts on the CPU (Lightning moves them to the device): float32 on the
@@ -133,14 +130,15 @@ class RunContext:
         written by this run's finetune stage."""
         import torch
 
-        from conceptdistill.diffusion.loading import load_diffusion_parts
+        from conceptdistill.diffusion.loading import check_image_size, load_diffusion_parts
 
-        on_gpu = self.cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-        dtype = getattr(torch, str(self.cfg.model.dtype)) if on_gpu else torch.float32
+        cfg = self.full_cfg
+        on_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        dtype = getattr(torch, str(cfg.model.dtype)) if on_gpu else torch.float32
         parts = load_diffusion_parts(
-            self.diffusion_source(), revision=self.cfg.model.get("revision"), variant=self.cfg.model.get("variant"),
-            dtype=dtype,
+            self.diffusion_source(), revision=cfg.model.get("revision"), variant=cfg.model.get("variant"), dtype=dtype,
         )
+        check_image_size(parts, cfg.data.image_size)  # before any image is processed
         if finetuned:
             from conceptdistill.stages.finetune import load_finetuned
 
@@ -149,7 +147,7 @@ class RunContext:
 
     def logger(self, stage: str):
         """A fresh experiment logger for one stage job (or None), grouped by run folder."""
-        spec = self.cfg.get("logger")
+        spec = self.full_cfg.get("logger")
         if not spec or "_target_" not in spec:
             return None
         from hydra.utils import instantiate
@@ -157,7 +155,7 @@ class RunContext:
         target = spec["_target_"]
         extra: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
-            extra = {"name": f"{self.cfg.experiment}-{stage}", "group": self.run_dir.name, "job_type": stage}
+            extra = {"name": f"{self.full_cfg.experiment}-{stage}", "group": self.run_dir.name, "job_type": stage}
             os.environ.setdefault("WANDB_SILENT", "true")
         else:
             extra = {"name": stage, "version": ""}
@@ -167,7 +165,7 @@ class RunContext:
         """A Lightning trainer with the configured hardware settings plus the stage's own budget."""
         import pytorch_lightning as pl
 
-        kwargs = dict(OmegaConf.to_container(self.cfg.trainer, resolve=True))
+        kwargs = dict(OmegaConf.to_container(self.full_cfg.trainer, resolve=True))
         kwargs.setdefault("default_root_dir", str(self.stage_dir(stage)))
         kwargs.setdefault("logger", self.logger(stage) or False)
         kwargs.setdefault("enable_model_summary", False)
@@ -187,36 +185,121 @@ def finish_loggers() -> None:
         wandb.finish()
 
 
-def stage_function(stage: str):
-    if stage not in STAGE_INPUTS:
-        raise StageError(f"unknown stage {stage!r}; choose from {', '.join(STAGE_INPUTS)} (e.g. stages=[masks,finetune])")
-    module = importlib.import_module(f"conceptdistill.stages.{stage}")
-    return getattr(module, f"run_{stage}")
+def open_output_folder(folder: Path, fingerprint: str, what: str) -> Path:
+    """Open `folder` for outputs made under `fingerprint` (a hash of what makes them).
+
+    Files made under the same fingerprint are kept (interrupted work resumes); a folder made under another
+    fingerprint is moved aside to ``<name>.stale-<time>``, never deleted; a non-empty folder with no
+    fingerprint record was not made by this tool and is refused.
+
+    Raises:
+        StageError: for a non-empty folder without a FINGERPRINT record.
+    """
+    marker = folder / "FINGERPRINT"
+    if folder.exists() and any(folder.iterdir()):
+        if not marker.exists():
+            raise StageError(
+                f"{what}: {folder} is not empty and was not written by this tool (no FINGERPRINT file); "
+                "choose an empty or new folder"
+            )
+        if marker.read_text().strip() != fingerprint:
+            stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.warning("%s: its outputs were made from other inputs or settings: moving them to %s", what, stale)
+            shutil.move(str(folder), str(stale))
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint + "\n")
+    return folder
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_view(cfg: DictConfig, keys) -> DictConfig:
+    """A struct config holding only `keys` (dotted) of `cfg`, resolved; reading any other key raises."""
+    plain = _resolved(cfg)
+    view: dict = {}
+    for key in keys:
+        value, found = _lookup(plain, key)
+        if found:
+            _assign(view, key, value)
+    result = OmegaConf.create(view)
+    OmegaConf.set_struct(result, True)
+    return result
+
+
+def result_settings(cfg: DictConfig, keys) -> dict:
+    """The values of `keys` that can change results (`keys` less PRESENTATION_KEYS, at any depth)."""
+    plain = _resolved(cfg)
+    selected: dict = {}
+    for key in keys:
+        value, found = _lookup(plain, key)
+        if found:
+            _assign(selected, key, _without_presentation(value, key))
+    return selected
+
+
+def _without_presentation(value: Any, prefix: str) -> Any:
+    if prefix in PRESENTATION_KEYS:
+        return None
+    if isinstance(value, dict):
+        return {k: _without_presentation(v, f"{prefix}.{k}") for k, v in value.items() if f"{prefix}.{k}" not in PRESENTATION_KEYS}
+    return value
+
+
+def _lookup(plain: dict, key: str) -> tuple[Any, bool]:
+    node: Any = plain
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None, False
+        node = node[part]
+    return node, True
+
+
+def _assign(target: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[last] = value
 
 
 def run(cfg: DictConfig) -> dict[str, dict]:
-    """Run `cfg.stages` in order; returns each stage's summary."""
+    """Run `cfg.stages` in order; returns each stage's summary.
+
+    Settings are checked first (`check_settings`), then whether the data set is there, both before any
+    model is loaded. A stage complete for the current settings is skipped; a stage whose inputs are missing
+    or stale is refused (StageError).
+    """
     _configure_torch()
+    cfg = check_settings(cfg)
     ctx = RunContext(cfg)
-    if any(stage in STAGES_READING_DATA and not ctx.is_complete(stage) for stage in cfg.stages):
+    specs = [stage_spec(stage) for stage in cfg.stages]
+    to_run = [spec.name for spec in specs if spec.always_run or not ctx.is_complete(spec.name)]
+    if any(stage_spec(name).reads_data for name in to_run):
         ctx.datamodule  # noqa: B018 - a missing or malformed data set fails here, before any model is loaded
-    for stage in cfg.stages:
-        function = stage_function(stage)
-        if stage not in ALWAYS_RUN and ctx.is_complete(stage):
+    check_hardware(cfg, to_run)
+    for spec in specs:
+        stage = spec.name
+        if not spec.always_run and ctx.is_complete(stage):
             log.info("stage %s: complete, skipped", stage)
             ctx.summaries[stage] = ctx.done_record(stage)["summary"]
             continue
+        ctx.require_inputs(stage)
         log.info("stage %s: running in %s", stage, ctx.run_dir / stage)
-        ctx.prepare_stage_dir(stage)
+        if not spec.always_run:
+            ctx.prepare_stage_dir(stage)
+        fingerprint = ctx.fingerprint(stage)
         started = time.perf_counter()
+        ctx.cfg = ctx.view(stage)
         try:
-            summary = function(ctx) or {}
+            summary = spec.run(ctx) or {}
         finally:
+            ctx.cfg = cfg
             finish_loggers()
         seconds = time.perf_counter() - started
         write_json(
             ctx.stage_dir(stage) / "DONE.json",
-            {"fingerprint": ctx.fingerprint(stage), "seconds": round(seconds, 2), "summary": summary},
+            {"fingerprint": fingerprint, "seconds": round(seconds, 2), "summary": summary},
         )
         ctx.summaries[stage] = summary
         log.info("stage %s: done in %.1f s %s", stage, seconds, _short(summary))

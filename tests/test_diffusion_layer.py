@@ -59,7 +59,7 @@ def test_tiny_parts_are_sd_shaped_deterministic_and_fast(tiny: DiffusionParts) -
 
     assert tiny.latent_scale == pytest.approx(0.18215)
     assert tiny.vae_scale_factor == 2
-    assert tiny.latent_shape == (4, 16, 16) and tiny.unet_in_channels == 4 and tiny.latent_channels == 4
+    assert tiny.latent_shape_for(32) == (4, 16, 16) and tiny.native_image_size == 32 and tiny.unet_in_channels == 4 and tiny.latent_channels == 4
     assert tiny.scheduler.config.steps_offset == 1 and tiny.scheduler.config.beta_schedule == "scaled_linear"
     images = torch.rand(2, 3, 32, 32)
     latents = tiny.encode_images(images)
@@ -194,7 +194,7 @@ def test_space_to_depth_save_load_round_trip(tmp_path: Path) -> None:
 def test_space_to_depth_parts_save_and_load(tmp_path: Path) -> None:
     parts = build_tiny_parts(latent="space_to_depth")
     assert parts.unet.config.in_channels == 12 and parts.vae_scale_factor == 2
-    assert parts.latent_shape == (12, 16, 16)
+    assert parts.latent_shape_for(32) == (12, 16, 16)
     assert build_tiny_parts(latent="space_to_depth", unet_in_channels=25).unet_in_channels == 25
     images = torch.rand(2, 3, 32, 32)
     latents = parts.encode_images(images)

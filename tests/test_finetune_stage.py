@@ -149,7 +149,7 @@ def planning_parts():
 def test_background_task_masks_background_inside_one_rectangle(planning_parts):
     module = make_module("full", parts=planning_parts, background_probability=1.0)
     batch = collate_samples([TinyConceptData(8)[i] for i in range(8)])
-    captions, loss_mask = module.plan_batch(batch)
+    captions, loss_mask = module.plan_batch(batch, (16, 16))
     assert captions == [BACKGROUND] * 8
     assert loss_mask.shape == (8, 1, 16, 16)
     for i in range(8):
@@ -167,7 +167,7 @@ def test_object_task_has_full_mask_and_foreground_prompt(planning_parts):
         (make_module("full", parts=planning_parts, background_probability=1.0),
          {k: v for k, v in batch.items() if k != "prelim_mask"}),
     ):  # fmt: skip
-        captions, loss_mask = module.plan_batch(plan_input)
+        captions, loss_mask = module.plan_batch(plan_input, (16, 16))
         assert captions == [FOREGROUND] * 8
         assert torch.equal(loss_mask, torch.ones(8, 1, 16, 16))
 
@@ -181,7 +181,7 @@ def test_plan_is_deterministic_per_seed_step_and_sample(planning_parts, monkeypa
 
     def plans(seed: int, batch: dict):
         module = make_module("full", parts=planning_parts, background_probability=0.5, seed=seed)
-        captions, mask = module.plan_batch(batch)
+        captions, mask = module.plan_batch(batch, (16, 16))
         return captions, mask
 
     first = plans(0, batch)

@@ -32,8 +32,27 @@ _CONFIG_FILES = {
 }
 
 
+#: what the UNet may be trained to predict; anything else is refused when the model is loaded
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The diffusion model's files are not on this machine (we never download them)."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model folder is readable but describes a model this project cannot run correctly."""
+
+
+def check_image_size(parts: DiffusionParts, image_size: int) -> None:
+    """Raise ValueError naming `data.image_size` unless the VAE maps it to a whole latent grid."""
+    factor = parts.vae_scale_factor
+    if int(image_size) <= 0 or int(image_size) % factor:
+        raise ValueError(
+            f"data.image_size={image_size} is not a positive multiple of this model's VAE downsampling factor "
+            f"{factor}: choose e.g. {max(factor, round(int(image_size) / factor) * factor)} (the model's native "
+            f"size is {parts.native_image_size})"
+        )
 
 
 def _not_found(source: str, problem: str) -> ModelNotFoundError:
@@ -90,11 +109,60 @@ class DiffusionParts:
         return int(self.unet.config.in_channels)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one latent at the UNet's configured sample size (4x64x64 for SD 1.x at 512 px)."""
+    def native_image_size(self) -> int:
+        """The image side the UNet was configured for (unet.config.sample_size x vae_scale_factor; 512 for SD 1.x,
+        768 for SD 2.1-v). Informational only: every stage derives its shapes from the actual latents, so any
+        image size the VAE accepts works."""
         size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.latent_channels, int(h), int(w))
+        return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    def latent_shape_for(self, image_size: int) -> tuple[int, int, int]:
+        """(C, H, W) of the latent of a square `image_size` image (4x64x64 for SD 1.x at 512 px).
+
+        Raises:
+            ValueError: naming `data.image_size` when it is not a multiple of the VAE's downsampling factor.
+        """
+        check_image_size(self, image_size)
+        side = int(image_size) // self.vae_scale_factor
+        return (self.latent_channels, side, side)
+
+    # ----- the forward (noising) process and the training target --------------------------------
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" or "v_prediction" (checked when the model is loaded)."""
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
+    @property
+    def noise_scheduler(self):
+        """The model's variance-preserving forward process as a diffusers `DDPMScheduler` built from the
+        folder's scheduler config (betas, timestep count, prediction type).
+
+        Folders ship PNDM, DDIM, Euler, LMS or DPM-Solver configs; they share the training noise schedule but
+        not `add_noise`: Euler-family schedulers noise as x0 + sigma * eps and expect `scale_model_input`
+        before the UNet. Noising for attention capture and for the training loss must be the process the UNet
+        was trained on, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM, Ho et al. 2020),
+        whatever class the folder names, so it always goes through this scheduler.
+        """
+        cached = self.__dict__.get("_noise_scheduler")
+        if cached is None or cached[0] is not self.scheduler:
+            from diffusers import DDPMScheduler
+
+            cached = (self.scheduler, DDPMScheduler.from_config(self.scheduler.config))
+            self.__dict__["_noise_scheduler"] = cached
+        return cached[1]
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t of the forward process for clean latents (B, C, h, w), standard normal noise of the same shape
+        and integer timesteps (B,) in [0, num_train_timesteps); same dtype and device as `latents`."""
+        return self.noise_scheduler.add_noise(latents, noise, timesteps.to(latents.device))
+
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet output is regressed on: the noise (epsilon prediction) or the velocity
+        v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (v-prediction, Salimans & Ho 2022), by diffusers'
+        `get_velocity`. Shapes as in `add_noise`."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.noise_scheduler.get_velocity(latents, noise, timesteps.to(latents.device))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusionParts:
         """Move (and optionally cast) the three networks in place; returns self for chaining."""
@@ -186,6 +254,73 @@ def _check_layout(folder: Path, source: str) -> None:
         raise _not_found(source, f"the folder {str(folder)!r} lacks {', '.join(missing)}")
 
 
+def _check_family(folder: Path, source: str) -> None:
+    """Refuse model families whose denoiser is not a UNet2DConditionModel, naming what was found."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
+        family = index.get("_class_name", "a transformer-based pipeline")
+        raise UnsupportedModelError(
+            f"{source!r} is a {family} (a transformer denoiser, as in Stable Diffusion 3 and FLUX); this version "
+            "supports Stable Diffusion 1.x/2.x-style UNet models (model=sd14, sd15, sd21, sd21_base or a folder "
+            "with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    if (folder / "text_encoder_2").is_dir():
+        raise UnsupportedModelError(
+            f"{source!r} has two text encoders (text_encoder/ and text_encoder_2/: an SDXL-style pipeline, "
+            f"{index.get('_class_name', 'unknown class')}); this version supports Stable Diffusion 1.x/2.x-style "
+            "models with one CLIP text encoder"
+        )
+
+
+def _check_scheduler(folder: Path) -> type:
+    """The scheduler class named in scheduler_config.json, after checking what the UNet predicts.
+
+    Raises UnsupportedModelError for a prediction type outside SUPPORTED_PREDICTION_TYPES (e.g. "sample") or
+    a flow-matching scheduler, and ValueError for a class diffusers does not know.
+    """
+    import diffusers
+
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    name = config.get("_class_name", "")
+    if "FlowMatch" in name:
+        raise UnsupportedModelError(
+            f"{path} names {name}: a flow-matching model (x_t = (1 - sigma) x0 + sigma eps), which this version "
+            f"does not support; supported: variance-preserving models predicting {' or '.join(SUPPORTED_PREDICTION_TYPES)}"
+        )
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise UnsupportedModelError(
+            f"{path} sets prediction_type={prediction_type!r}; supported: {', '.join(SUPPORTED_PREDICTION_TYPES)}"
+        )
+    scheduler_cls = getattr(diffusers, name, None)
+    if scheduler_cls is None:
+        raise ValueError(f"unknown scheduler class {name!r} in {path}")
+    return scheduler_cls
+
+
+def _variant_hint(folder: Path, variant: str | None) -> str | None:
+    """When weights are missing because they are stored as a variant (``*.fp16.safetensors``), say which
+    `model.variant` to set; None when that is not the problem."""
+    found: set[str] = set()
+    for sub in ("unet", "vae", "text_encoder"):
+        weights = [p.name for p in (folder / sub).glob("*") if p.suffix in (".safetensors", ".bin")]
+        if any(name.count(".") == 1 for name in weights):
+            continue  # this part has plain weights: a variant is not what is missing
+        # diffusion_pytorch_model.fp16.safetensors / model.fp16.safetensors -> "fp16"
+        found.update(name.split(".")[-2] for name in weights if name.count(".") >= 2)
+    found.discard(str(variant))
+    if not found:
+        return None
+    names = ", ".join(sorted(found))
+    current = "not set" if variant is None else f"{variant!r}"
+    return (
+        f"the weights in {str(folder)!r} are stored as variant(s) {names} (files named *.{sorted(found)[0]}.safetensors) "
+        f"and model.variant is {current}: set model.variant={sorted(found)[0]}"
+    )
+
+
 def _vae_class(folder: Path) -> type:
     """The VAE class named in vae/config.json: AutoencoderKL for SD, SpaceToDepthAutoencoder for shapes."""
     import diffusers
@@ -217,32 +352,45 @@ def load_diffusion_parts(
     is the caller's business. ``local_files_only=False`` lets huggingface_hub fetch a missing hub snapshot; the
     project never passes it (no machine it runs on may download weights).
 
+    With ``dtype=torch.float16`` the VAE is loaded in float32 when its config asks for it (``force_upcast``,
+    true by default), as diffusers' pipelines do.
+
     Raises:
         ModelNotFoundError: when the folder or cached snapshot is missing or lacks a part, or a part's weights
-            cannot be read; the message says what layout is expected and how to provide the weights.
+            cannot be read; the message says what layout is expected and how to provide the weights (for a
+            folder holding only ``*.<variant>.safetensors`` files: which ``model.variant`` to set).
+        UnsupportedModelError: when the scheduler config names a prediction type other than epsilon or
+            v_prediction, a flow-matching scheduler, or the folder holds a transformer (SD 3, FLUX) instead of a
+            UNet; the message names the setting found.
     """
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = str(source)
     folder = _resolve_source(source, revision, local_files_only)
+    _check_family(folder, source)
     _check_layout(folder, source)
-
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
-    if scheduler_cls is None:
-        raise ValueError(f"unknown scheduler class {scheduler_config.get('_class_name')!r} in {folder / 'scheduler'}")
+    scheduler_cls = _check_scheduler(folder)
     # From here on everything is a local folder: no hub look-ups, whatever the environment says.
     common = {"local_files_only": True}
+    # diffusers' pipelines decode (and encode) in float32 when the VAE config sets force_upcast and the model
+    # runs in float16: the SD 2.x and SDXL VAEs overflow to inf/NaN in half precision.
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
     try:
         unet = diffusers.UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", torch_dtype=dtype, variant=variant, **common
         )
-        vae = _vae_class(folder).from_pretrained(folder, subfolder="vae", torch_dtype=dtype, variant=variant, **common)
+        vae = _vae_class(folder).from_pretrained(
+            folder, subfolder="vae", torch_dtype=vae_dtype, variant=variant, **common
+        )
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, variant=variant, **common)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **common)
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler", **common)
     except OSError as err:  # diffusers/transformers raise OSError (EnvironmentError) for missing weight files
+        hint = _variant_hint(folder, variant)
+        if hint:
+            raise _not_found(source, hint) from err
         raise _not_found(source, f"a part could not be read from {str(folder)!r} ({err})") from err
     parts = DiffusionParts(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     return parts.to(device=device)
@@ -331,3 +479,40 @@ def _save_parts_individually(parts: DiffusionParts, folder: Path) -> None:
     for name in SUBFOLDERS:
         index[name] = _library_and_class(getattr(parts, name))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def model_fingerprint(source: str | os.PathLike, *, revision: str | None = None) -> str:
+    """A content fingerprint of a model folder (16 hex digits), so that finished work is reused only for the
+    same weights, wherever the folder lies.
+
+    Covers every file's relative path and size, the full content of configs and files up to 2 MiB, and the
+    first and last MiB of larger (weight) files: a retrained or swapped model changes it, moving the folder
+    does not. `training.json` (a record about the model, rewritten when its fidelity is re-measured) is left
+    out. Cached per file listing (paths, sizes, modification times) within the process.
+
+    Raises:
+        ModelNotFoundError: as `load_diffusion_parts`, when the folder or cached hub snapshot is missing.
+    """
+    import hashlib
+
+    folder = _resolve_source(str(source), revision, local_files_only=True)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "training.json")
+    listing = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    key = (str(folder.resolve()), listing)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        chunk = 1 << 20
+        for path, (relative, size, _) in zip(files, listing, strict=True):
+            digest.update(f"{relative}\0{size}\0".encode())
+            with open(path, "rb") as handle:
+                if size <= 2 * chunk:
+                    digest.update(handle.read())
+                else:
+                    digest.update(handle.read(chunk))
+                    handle.seek(size - chunk)
+                    digest.update(handle.read(chunk))
+        _FINGERPRINTS[key] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[key]

@@ -11,13 +11,23 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
+from conceptdistill.checks import SettingsError, check_grid_range
 from conceptdistill.utils.seeding import randn_per_sample
 
 
-def ddim_scheduler(parts, steps: int) -> DDIMScheduler:
-    """A DDIM scheduler (eta 0) with the model's own noise schedule and clipping settings."""
+def ddim_scheduler(parts, steps: int, setting: str = "num_steps") -> DDIMScheduler:
+    """A DDIM scheduler (eta 0) with the model's own noise schedule, prediction type (epsilon or v) and
+    clipping settings, whatever scheduler class the model folder names.
+
+    Raises:
+        SettingsError: naming `setting` when the grid does not fit the model's timesteps.
+    """
+    total = int(parts.scheduler.config.num_train_timesteps)
+    if not 1 <= int(steps) <= total:
+        raise SettingsError(f"{setting}={steps}: a sampler grid needs 1 to {total} steps (the model's training timesteps)")
     scheduler = DDIMScheduler.from_config(parts.scheduler.config)
     scheduler.set_timesteps(steps, device=parts.device)
+    check_grid_range(scheduler.timesteps, total, setting)
     return scheduler
 
 
@@ -25,7 +35,8 @@ def predict_noise(
     parts, latents: torch.Tensor, timestep: torch.Tensor | int, text: torch.Tensor,
     uncond_text: torch.Tensor | None = None, guidance_scale: float = 1.0, extra_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """UNet epsilon prediction, with classifier-free guidance when `uncond_text` is given and scale != 1.
+    """The UNet's output (epsilon or v, as the model was trained), with classifier-free guidance when
+    `uncond_text` is given and scale != 1 (guidance is linear, so it applies to either parametrisation).
 
     `extra_input` (mask + masked-image latent) is concatenated on the channel axis for 9-channel UNets.
     """
@@ -42,11 +53,12 @@ def predict_noise(
 @torch.no_grad()
 def sample_latents(
     parts, prompts: list[str], generators: list[torch.Generator], *, steps: int = 50, guidance_scale: float = 1.0,
-    negative_prompt: str = "", latent_shape: tuple[int, int, int] | None = None,
+    negative_prompt: str = "", latent_shape: tuple[int, int, int],
 ) -> torch.Tensor:
-    """Text-to-image sampling; returns clean latents. `negative_prompt` is the unconditional branch
-    (the paper's concept-distillation guidance uses the background prompt here)."""
-    shape = latent_shape or parts.latent_shape
+    """Text-to-image sampling; returns clean latents (B, *latent_shape). `negative_prompt` is the unconditional
+    branch (the paper's concept-distillation guidance uses the background prompt here). `latent_shape` is
+    (C, h, w), e.g. `parts.latent_shape_for(image_size)`: any size the VAE accepts, not only the native one."""
+    shape = tuple(latent_shape)
     scheduler = ddim_scheduler(parts, steps)
     latents = randn_per_sample(generators, shape, device=parts.device, dtype=parts.dtype)
     latents = latents * scheduler.init_noise_sigma
@@ -92,7 +104,8 @@ def inpaint_latents(
 
 
 def _denoise(scheduler: DDIMScheduler, noise: torch.Tensor, t, latents: torch.Tensor, *, last: bool) -> torch.Tensor:
-    """One DDIM step; the last step returns the predicted clean latent. (A schedule whose final alpha is
+    """One DDIM step (the scheduler converts an epsilon or v output itself); the last step returns the
+    predicted clean latent. (A schedule whose final alpha is
     below one would otherwise leave a little noise in every sample, and in every inpainted region.)"""
     output = scheduler.step(noise, t, latents)
     return output.pred_original_sample if last else output.prev_sample

@@ -4,6 +4,10 @@ wrappers that let later stages read them.
 Layout under a stage folder: `<split>/<output name>/<sample id>.<png|npy>`. Masks and images are PNGs a
 person can open; float maps are float16 .npy files. Every file is written atomically (temp file + rename),
 so a killed run leaves only whole files, and `pending()` lets a rerun compute only what is missing.
+
+A sample whose outputs would hold NaN or inf is never written: it is recorded as skipped
+(`<split>/skipped/<sample id>.json` with the reason), logged with its id, counted in the stage's summary, and
+left out of every later stage, which counts it again as "missing upstream".
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from conceptdistill.utils.io import (
     load_array,
     load_image_png,
     load_mask_png,
+    read_json,
     save_array,
     save_image_png,
     save_mask_png,
+    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,22 @@ class ArtifactStore:
     def has(self, sample_id: str) -> bool:
         return all(self.path(name, sample_id).exists() for name in self.outputs)
 
+    def skip_path(self, sample_id: str) -> Path:
+        return self.folder / "skipped" / f"{sample_id}.json"
+
+    def record_skip(self, sample_id: str, reason: str) -> None:
+        """Mark a sample as skipped (one small file per sample, so DDP ranks never write the same file)."""
+        log.warning("%s: skipped sample %s: %s", self.folder, sample_id, reason)
+        write_json(self.skip_path(sample_id), {"id": sample_id, "reason": reason})
+
+    def skipped(self) -> dict[str, str]:
+        """Sample id -> reason, for every sample recorded as skipped."""
+        return {p.stem: read_json(p)["reason"] for p in sorted((self.folder / "skipped").glob("*.json"))}
+
+    def finished(self, sample_id: str) -> bool:
+        """Written or recorded as skipped: a resumed run does not compute it again."""
+        return self.has(sample_id) or self.skip_path(sample_id).exists()
+
     def save(self, sample_id: str, output: str, value) -> None:
         if isinstance(value, torch.Tensor):
             value = value.detach().float().cpu().numpy()
@@ -59,7 +81,7 @@ class ArtifactStore:
         """Delete the temp files of writes a killed run left unfinished (`atomic_write` names them
         `.<file name>.<random>.tmp`); returns how many. Only called before a trainer starts writing here."""
         removed = 0
-        for name in self.outputs:
+        for name in [*self.outputs, "skipped"]:
             for leftover in (self.folder / name).glob(".*.tmp"):
                 leftover.unlink(missing_ok=True)
                 removed += 1
@@ -73,7 +95,9 @@ class ArtifactStore:
 class SampleWriter(BasePredictionWriter):
     """Writes each sample's outputs as soon as its batch is predicted.
 
-    `predict_step` returns a list with one dict per sample: {"id": ..., <output name>: array, ...}.
+    `predict_step` returns a list with one dict per sample: {"id": ..., <output name>: array, ...}, or
+    {"id": ..., "skipped": reason} for a sample it could not process. A sample any of whose outputs holds a
+    non-finite value is recorded as skipped and none of its files is written.
     Under DDP, Lightning's predict sampler gives each rank distinct samples, so each file is written once.
     """
 
@@ -83,8 +107,23 @@ class SampleWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for sample in prediction:
+            reason = sample.get("skipped") or nonfinite_outputs(sample, self.store.outputs)
+            if reason:
+                self.store.record_skip(sample["id"], reason)
+                continue
             for name in self.store.outputs:
                 self.store.save(sample["id"], name, sample[name])
+
+
+def nonfinite_outputs(sample: dict, names) -> str | None:
+    """A reason naming the outputs of `sample` that hold NaN or inf, or None when all are finite."""
+    bad = []
+    for name in names:
+        value = sample[name]
+        array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad.append(name)
+    return f"non-finite values in {', '.join(bad)}" if bad else None
 
 
 def sample_ids(dataset: Dataset) -> list[str]:
@@ -108,7 +147,7 @@ def pending(dataset: Dataset, store: ArtifactStore) -> Dataset:
     if removed := store.discard_partial():
         log.info("removed %d unfinished temp file(s) of an interrupted run in %s", removed, store.folder)
     ids = sample_ids(dataset)
-    todo = [index for index, sid in enumerate(ids) if not store.has(sid)]
+    todo = [index for index, sid in enumerate(ids) if not store.finished(sid)]
     if len(todo) < len(ids):
         log.info("%d of %d samples already done in %s; computing the other %d", len(ids) - len(todo), len(ids),
                  store.folder, len(todo))
@@ -116,20 +155,32 @@ def pending(dataset: Dataset, store: ArtifactStore) -> Dataset:
 
 
 class WithArtifacts(Dataset):
-    """Adds earlier stages' per-sample outputs to each sample, e.g. {"prelim_mask": (store, "mask")}."""
+    """Adds earlier stages' per-sample outputs to each sample, e.g. {"prelim_mask": (store, "mask")}.
+
+    Only samples for which every named output exists are kept; the others (skipped upstream, e.g. for a
+    non-finite latent) are listed in `missing` so the stage can count them.
+    """
 
     def __init__(self, dataset: Dataset, extras: dict[str, tuple[ArtifactStore, str]]) -> None:
         self.dataset = dataset
         self.extras = extras
+        ids = sample_ids(dataset)
+        present = [all(store.path(output, sid).exists() for store, output in extras.values()) for sid in ids]
+        self.indices = [i for i, ok in enumerate(present) if ok]
+        self.missing = [sid for sid, ok in zip(ids, present, strict=True) if not ok]
+        if self.missing:
+            log.warning("%d sample(s) have no output of an earlier stage and are left out: %s", len(self.missing),
+                        ", ".join(self.missing[:10]) + (" ..." if len(self.missing) > 10 else ""))
+        self._ids = [ids[i] for i in self.indices]
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
     def sample_ids(self) -> list[str]:
-        return sample_ids(self.dataset)
+        return list(self._ids)
 
     def __getitem__(self, index: int) -> dict:
-        sample = dict(self.dataset[index])
+        sample = dict(self.dataset[self.indices[index]])
         for key, (store, output) in self.extras.items():
             value = store.load(output, sample["id"])
             if value.ndim == 3:  # images come back (H, W, 3); samples carry (3, H, W)

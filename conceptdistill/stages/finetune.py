@@ -24,6 +24,7 @@ import torch
 
 from conceptdistill.diffusion.loading import register_parts
 from conceptdistill.maskmath import rectangle_rules_for, sample_background_rectangle
+from conceptdistill.stages.registry import TRAINING_HARDWARE, register_stage
 from conceptdistill.utils.seeding import randn_per_sample, sample_generators, sample_seed
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ def widen_unet_input(unet, extra_channels: int) -> None:
         new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=new.in_channels)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or inf; raised with the step and the batch's sample ids."""
 
 
 class ConceptDistillationFineTuner(pl.LightningModule):
@@ -140,12 +145,15 @@ class ConceptDistillationFineTuner(pl.LightningModule):
         # Seeded by (run seed, step, sample): reproducible, and exact after resuming from a checkpoint.
         return np.random.default_rng(sample_seed(self.hparams.seed, f"{sample_id}@{self.global_step}", "finetune"))
 
-    def plan_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
-        """Per sample: the caption and the loss mask (B, 1, h, w), which is also what a 9-channel UNet is
-        told to repaint (all ones for the object task: the whole image is generated)."""
+    def plan_batch(self, batch: dict, latent_size: tuple[int, int]) -> tuple[list[str], torch.Tensor]:
+        """Per sample: the caption and the loss mask (B, 1, h, w) on the batch's latent grid `latent_size` =
+        (h, w), which is also what a 9-channel UNet is told to repaint (all ones for the object task: the
+        whole image is generated). Background rectangles follow the paper's rules scaled to that grid unless
+        `rectangle` fixes them."""
         hp = self.hparams
         ids = batch["id"]
-        h, w = self.parts.latent_shape[1:]
+        h, w = latent_size
+        rules = hp.rectangle or rectangle_rules_for(min(h, w))
         loss_masks = np.ones((len(ids), 1, h, w), dtype=np.float32)
         captions: list[str] = []
         prelim = batch.get("prelim_mask")
@@ -154,7 +162,7 @@ class ConceptDistillationFineTuner(pl.LightningModule):
             background_task = prelim is not None and rng.random() < hp.background_probability
             if background_task:
                 background = ~prelim[i].cpu().numpy().astype(bool)
-                loss_masks[i, 0] = sample_background_rectangle(background, rng, **(hp.rectangle or {}))[0]
+                loss_masks[i, 0] = sample_background_rectangle(background, rng, **rules)[0]
                 captions.append(hp.background_prompt)
             else:
                 caption = batch["caption"][i] if hp.use_batch_captions else hp.foreground_prompt
@@ -165,23 +173,30 @@ class ConceptDistillationFineTuner(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         ids = batch["id"]
-        captions, loss_mask = self.plan_batch(batch)
         with torch.no_grad():
             latents = self.parts.encode_images(batch["image"])
+        captions, loss_mask = self.plan_batch(batch, tuple(latents.shape[-2:]))
         generators = sample_generators(self.hparams.seed, [f"{i}@{self.global_step}" for i in ids], "finetune-noise")
         noise = randn_per_sample(generators, tuple(latents.shape[1:]), device=self.device, dtype=latents.dtype)
         steps = self.parts.scheduler.config.num_train_timesteps
         timesteps = torch.tensor(
             [int(torch.randint(0, steps, (1,), generator=g)) for g in generators], device=self.device
         )
-        noisy = self.parts.scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.parts.add_noise(latents, noise, timesteps)  # the VP forward process, any scheduler class
         text = self.parts.encode_prompts(captions, grad=self.hparams.train_text_encoder)
         if self.parts.unet_in_channels > latents.shape[1]:
             # 9-channel input: what to repaint (the loss region) and the latent with that region blanked.
             noisy = torch.cat([noisy, loss_mask, latents * (1 - loss_mask)], dim=1)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
-        loss = masked_mse(prediction, noise, loss_mask)
-        self._log_task_losses(prediction, noise, loss_mask, captions, len(ids))
+        target = self.parts.training_target(latents, noise, timesteps)  # epsilon or v, as the model predicts
+        loss = masked_mse(prediction, target, loss_mask)
+        if not torch.isfinite(loss):
+            # Stop before the optimizer spreads NaN into every weight; the last checkpoint stays as it was.
+            raise NonFiniteLossError(
+                f"fine-tuning loss is {float(loss)} at step {self.global_step} for the batch {list(ids)}: stopping "
+                "(the last good checkpoint is kept; check those images, the learning rate, or the precision)"
+            )
+        self._log_task_losses(prediction, target, loss_mask, captions, len(ids))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(ids))
         return loss
 
@@ -224,9 +239,14 @@ def save_finetuned(module: ConceptDistillationFineTuner, folder: str | Path) -> 
     """Write the fine-tuned weights: a LoRA file in the diffusers format (`lora`), or a whole UNet folder
     (`full`; `inpaint9` merges its LoRA into the widened UNet so the folder stands alone)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     adapter = module.hparams.adapter
     unet = module.unet
+    # Never export weights a NaN/inf has reached (that run is not done; its checkpoints stay for inspection).
+    broken = [name for name, p in unet.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise NonFiniteLossError(f"{len(broken)} fine-tuned weight tensor(s) hold NaN or inf (e.g. {broken[0]}); "
+                                 "not saving them")
+    folder.mkdir(parents=True, exist_ok=True)
     if adapter == "lora":
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -292,10 +312,10 @@ class SampleImagesCallback(pl.Callback):
         ids = [f"sample-{i}" for i in range(len(self.examples["id"]))]
         was_training = module.training
         module.eval()
+        images = self.examples["image"].to(parts.device)
         generated = parts.decode_latents(sample_latents(
             parts, [hp.foreground_prompt] * len(ids), sample_generators(self.seed, ids, "finetune-samples"),
-            steps=self.steps))
-        images = self.examples["image"].to(parts.device)
+            steps=self.steps, latent_shape=parts.latent_shape_for(images.shape[-1])))
         unknown = self.examples["prelim_mask"].to(parts.device, parts.dtype)[:, None]
         backgrounds = parts.decode_latents(inpaint_latents(
             parts, parts.encode_images(images), unknown, [hp.background_prompt] * len(ids),
@@ -333,6 +353,10 @@ def loss_curve_summary(history: list[tuple[int, float]]) -> dict:
     return {"loss_first_tenth": float(losses[:tenth].mean()), "loss_last_tenth": float(losses[-tenth:].mean())}
 
 
+@register_stage(
+    "finetune", inputs=("masks",), uses_model=True,
+    settings=("seed", "prompts", "model", "data", "finetune", *TRAINING_HARDWARE),
+)
 def run_finetune(ctx) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -344,7 +368,7 @@ def run_finetune(ctx) -> dict:
     cfg, ft = ctx.cfg, ctx.cfg.finetune
     folder = ctx.stage_dir("finetune")
     parts = ctx.load_parts()
-    rectangle = dict(ft.rectangle) if ft.get("rectangle") else dict(rectangle_rules_for(parts.latent_shape[-1]))
+    rectangle = dict(ft.rectangle) if ft.get("rectangle") else None  # None: the paper's rules for the latent grid
     module = ConceptDistillationFineTuner(
         parts, adapter=ft.adapter, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_targets=tuple(ft.lora_targets),
         learning_rate=ft.learning_rate, weight_decay=ft.weight_decay, warmup_steps=ft.warmup_steps,

@@ -12,9 +12,10 @@ import pytorch_lightning as pl
 import torch
 
 from conceptdistill.diffusion.loading import register_parts
-from conceptdistill.diffusion.sampling import inpaint_latents
+from conceptdistill.diffusion.sampling import ddim_scheduler, inpaint_latents
 from conceptdistill.maskmath import refine_mask, upsample_mask
 from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, WithArtifacts, pending
+from conceptdistill.stages.registry import PREDICTION_HARDWARE, register_stage
 from conceptdistill.utils.seeding import sample_generators
 
 OUTPUTS = {"background": "image", "mask": "mask"}
@@ -33,6 +34,7 @@ class BackgroundInpainter(pl.LightningModule):
         self.prompt, self.num_steps, self.guidance_scale = prompt, num_steps, guidance_scale
         self.negative_prompt = negative_prompt
         self.filter_size, self.close_holes, self.closing_size, self.seed = filter_size, close_holes, closing_size, seed
+        ddim_scheduler(parts, num_steps, "inpaint.num_steps")  # a grid that cannot work fails before any image
 
     @torch.no_grad()
     def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:
@@ -78,9 +80,13 @@ def build_inpainter(ctx, parts) -> BackgroundInpainter:
     )
 
 
+@register_stage(
+    "inpaint", inputs=("finetune", "masks"), uses_model=True,
+    settings=("seed", "prompts", "model", "data", "inpaint", "masks.splits", *PREDICTION_HARDWARE),
+)
 def run_inpaint(ctx) -> dict:
     from conceptdistill.evaluation import evaluate_inpaint_stage
-    from conceptdistill.stages.masks import mask_store
+    from conceptdistill.stages.masks import mask_store, split_counts
 
     cfg = ctx.cfg
     module = build_inpainter(ctx, ctx.load_parts(finetuned=True))
@@ -92,6 +98,6 @@ def run_inpaint(ctx) -> dict:
         if len(todo):
             trainer = ctx.trainer("inpaint", callbacks=[SampleWriter(store)], logger=False)
             trainer.predict(module, ctx.datamodule.loader(todo, batch_size=cfg.inpaint.batch_size), return_predictions=False)
-        summary[split] = {"images": len(store.ids("mask"))}
+        summary[split] = split_counts(store, dataset.missing)
     summary.update(evaluate_inpaint_stage(ctx))
     return summary

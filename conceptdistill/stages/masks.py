@@ -14,27 +14,38 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from conceptdistill.checks import check_grid_range, check_timestep_grid
 from conceptdistill.diffusion.attention import AttentionStore, capture_cross_attention
 from conceptdistill.diffusion.loading import register_parts
 from conceptdistill.diffusion.tokenizer import concept_token_indices
 from conceptdistill.maskmath import binarize_map, close_and_fill_holes
 from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
+from conceptdistill.stages.registry import PREDICTION_HARDWARE, register_stage
 from conceptdistill.utils.seeding import randn_per_sample, sample_generators
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"attention": "array", "mask": "mask"}
+#: why an image has no M_pre: a NaN/inf latent (e.g. a float16 VAE overflow) makes every map of it NaN
+NONFINITE_MAP = "non-finite attention map (its latent or the UNet's activations are NaN or inf)"
 
 
 def attention_timesteps(scheduler, num_steps: int = 50, start_step: int = 40) -> torch.Tensor:
     """The timesteps at which attention is read: the last `start_step` of a `num_steps` DDIM grid.
 
     For SD's 1000-step schedule (steps_offset 1) and T=50, T0=40 this is 781, 761, ..., 1.
+
+    Raises:
+        ValueError: naming `masks.num_steps` / `masks.start_step` unless 1 <= start_step <= num_steps <=
+            the model's number of training timesteps.
     """
     from diffusers import DDIMScheduler
 
+    total = int(scheduler.config.num_train_timesteps)
+    check_timestep_grid(num_steps, start_step, total)
     grid = DDIMScheduler.from_config(scheduler.config)
     grid.set_timesteps(num_steps)
+    check_grid_range(grid.timesteps, total, "masks.num_steps")
     return grid.timesteps[num_steps - start_step :].clone()
 
 
@@ -73,7 +84,7 @@ class AttentionMaskGenerator(pl.LightningModule):
                 # a fresh noise draw per step and sample; the UNet's prediction itself is not needed
                 noise = randn_per_sample(generators, tuple(latents.shape[1:]), device=self.device, dtype=latents.dtype)
                 timestep = t.to(self.device).expand(len(ids))
-                noisy = self.parts.scheduler.add_noise(latents, noise, timestep)
+                noisy = self.parts.add_noise(latents, noise, timestep)  # the VP forward process, any scheduler class
                 if self.parts.unet_in_channels > latents.shape[1]:
                     ones = torch.ones_like(latents[:, :1])
                     noisy = torch.cat([noisy, ones, torch.zeros_like(latents)], dim=1)
@@ -89,7 +100,8 @@ class AttentionMaskGenerator(pl.LightningModule):
     def predict_step(self, batch: dict, batch_index: int = 0) -> list[dict]:
         maps, _ = self.attention_maps(batch["image"], batch["id"])
         return [
-            {"id": sample_id, "attention": attention, "mask": self.binarize(attention)}
+            {"id": sample_id, "attention": attention, "mask": self.binarize(attention)} if np.isfinite(attention).all()
+            else {"id": sample_id, "skipped": NONFINITE_MAP}
             for sample_id, attention in zip(batch["id"], maps.cpu().numpy(), strict=True)
         ]
 
@@ -104,10 +116,27 @@ def build_masker(ctx, parts) -> AttentionMaskGenerator:
     )
 
 
+def split_counts(store: ArtifactStore, missing_upstream: list[str] | None = None) -> dict:
+    """A split's counts for a stage summary: images written, and every sample left out, with why."""
+    skipped = store.skipped()
+    counts: dict = {"images": len(store.ids(next(iter(store.outputs)))), "skipped": len(skipped)}
+    if skipped:
+        counts["skipped_ids"] = skipped
+    if missing_upstream is not None:
+        counts["missing_upstream"] = len(missing_upstream)
+        if missing_upstream:
+            counts["missing_upstream_ids"] = list(missing_upstream)
+    return counts
+
+
 def mask_store(ctx, split: str) -> ArtifactStore:
     return ArtifactStore(ctx.run_dir / "masks" / split, OUTPUTS)
 
 
+@register_stage(
+    "masks", uses_model=True,
+    settings=("seed", "concept", "prompts.foreground", "model", "data", "masks", *PREDICTION_HARDWARE),
+)
 def run_masks(ctx) -> dict:
     from conceptdistill.evaluation import evaluate_mask_stage
 
@@ -121,7 +150,7 @@ def run_masks(ctx) -> dict:
             loader = ctx.datamodule.loader(todo, batch_size=cfg.masks.batch_size)
             trainer = ctx.trainer("masks", callbacks=[SampleWriter(store)], logger=False)
             trainer.predict(module, loader, return_predictions=False)
-        summary[split] = {"images": len(store.ids("mask"))}
+        summary[split] = split_counts(store)
     if hasattr(ctx.datamodule, "stats"):  # real data: per split, images kept / skipped as unreadable / converted
         summary["data"] = ctx.datamodule.stats()
     summary.update(evaluate_mask_stage(ctx, module))

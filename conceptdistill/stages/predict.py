@@ -6,6 +6,8 @@ folder (`a/b.jpg` -> `a_b.png`); unreadable files are skipped and counted, as th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import numpy as np
 from PIL import Image
 
 from conceptdistill.maskmath import upsample_mask
+from conceptdistill.runner import open_output_folder, result_settings
 from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
+from conceptdistill.stages.registry import register_stage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,20 @@ class OriginalSizeMaskWriter(SampleWriter):
             self.store.save(sample["id"], "mask", mask)
 
 
+def prediction_fingerprint(ctx, checkpoint: Path, records) -> str:
+    """Hash of what makes a folder of predicted masks: the checkpoint's content, the settings, and each input
+    image's path, size and modification time."""
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps(result_settings(ctx.cfg, ("predict", "segment.image_size")), sort_keys=True).encode())
+    for record in records:
+        stat = Path(record.image).stat()
+        digest.update(f"{record.id}\0{Path(record.image).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def checkpoint_path(ctx) -> Path:
     pr = ctx.cfg.predict
     if pr.checkpoint:
@@ -38,6 +56,7 @@ def checkpoint_path(ctx) -> Path:
     return ctx.run_dir / "segment" / str(pr.source).replace("+", "_") / "final.ckpt"
 
 
+@register_stage("predict", settings=("predict", "segment.image_size"), always_run=True, reads_data=False)
 def run_predict(ctx) -> dict:
     from conceptdistill.data.readers import ImageFolderDataModule
     from conceptdistill.stages.segment import SegmentationModel
@@ -56,7 +75,10 @@ def run_predict(ctx) -> dict:
                                    num_workers=0)
     dataset = images.dataset("train")
     sizes = {record.id: Image.open(record.image).size[::-1] for record in dataset.records}
-    output = Path(pr.output_dir).expanduser() if pr.output_dir else ctx.stage_dir("predict")
+    output = Path(pr.output_dir).expanduser() if pr.output_dir else ctx.run_dir / "predict"
+    # Masks made from other images, another checkpoint or other settings are never reused: the folder
+    # records what made it and is moved aside when that changes.
+    open_output_folder(output, prediction_fingerprint(ctx, checkpoint, dataset.records), "stage predict")
     store = ArtifactStore(output, {"mask": "mask"})
     todo = pending(dataset, store)
     if len(todo):

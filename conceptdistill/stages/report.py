@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from conceptdistill.runner import command_line
+from conceptdistill.stages.registry import register_stage
 from conceptdistill.utils.io import write_json
 
 #: (key in results.json, label in results.md), in the ladder's order
@@ -102,6 +103,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@register_stage("report", settings=("concept",), always_run=True, reads_data=False)
 def run_report(ctx) -> dict:
     folder = ctx.stage_dir("report")
     results = collect_results(ctx)

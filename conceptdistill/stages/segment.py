@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset
 
 from conceptdistill.metrics import SegmentationScores
+from conceptdistill.stages.registry import TRAINING_HARDWARE, register_stage
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class SegmentationModel(pl.LightningModule):
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits = self.net(batch["image"] * 2 - 1)[:, 0]
         loss = F.binary_cross_entropy_with_logits(logits, batch["mask"].float())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"segmentation loss is {float(loss)} at step {self.global_step} for the batch "
+                                     f"{list(batch['id'])}: stopping (the last checkpoint is kept)")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
@@ -123,6 +127,18 @@ def training_set(ctx, source: str) -> Dataset:
     raise ValueError(f"unknown segment source {source!r}; choose from {SOURCES}")
 
 
+def segment_inputs(cfg) -> tuple[str, ...]:
+    """The stages whose masks the configured sources read (masks also for the evaluation split)."""
+    needed = {"masks"}
+    for source in cfg.segment.sources:
+        needed |= {"refined": {"inpaint"}, "refined+synthetic": {"inpaint", "synthesize"}}.get(source, set())
+    return tuple(stage for stage in ("masks", "inpaint", "synthesize") if stage in needed)
+
+
+@register_stage(
+    "segment", inputs=segment_inputs,
+    settings=("seed", "data", "segment", "masks.splits", *TRAINING_HARDWARE),
+)
 def run_segment(ctx) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
 

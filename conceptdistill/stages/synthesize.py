@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from conceptdistill.diffusion.loading import register_parts
-from conceptdistill.diffusion.sampling import sample_latents
+from conceptdistill.diffusion.sampling import ddim_scheduler, sample_latents
 from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
+from conceptdistill.stages.registry import PREDICTION_HARDWARE, register_stage
 from conceptdistill.utils.seeding import sample_generators
 
 OUTPUTS = {"image": "image", "prelim_mask": "mask", "background": "image", "mask": "mask", "foreground": "image"}
@@ -41,13 +42,15 @@ class SyntheticSetGenerator(pl.LightningModule):
     """predict_step: ids -> (image, M_pre, background, mask, foreground) per id."""
 
     def __init__(self, parts, masker, inpainter, *, prompt: str, negative_prompt: str, num_steps: int,
-                 guidance_scale: float, seed: int) -> None:
+                 guidance_scale: float, image_size: int, seed: int) -> None:
         super().__init__()
         self.parts = parts
         register_parts(self, parts)
         self.masker, self.inpainter = masker, inpainter
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.num_steps, self.guidance_scale, self.seed = num_steps, guidance_scale, seed
+        self.latent_shape = parts.latent_shape_for(image_size)  # the real images' size, so D'_s matches D
+        ddim_scheduler(parts, num_steps, "synthesize.num_steps")  # a grid that cannot work fails before any image
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_index: int = 0) -> list[dict]:
@@ -55,6 +58,7 @@ class SyntheticSetGenerator(pl.LightningModule):
         latents = sample_latents(
             self.parts, [self.prompt] * len(ids), sample_generators(self.seed, ids, "synthesize"),
             steps=self.num_steps, guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt,
+            latent_shape=self.latent_shape,
         )
         images = self.parts.decode_latents(latents)
         maps, _ = self.masker.attention_maps(images, ids)
@@ -78,10 +82,16 @@ def build_generator(ctx, parts) -> SyntheticSetGenerator:
     return SyntheticSetGenerator(
         parts, build_masker(ctx, parts), build_inpainter(ctx, parts), prompt=cfg.prompts.foreground,
         negative_prompt=cfg.prompts.background if syn.background_guidance else "", num_steps=syn.num_steps,
-        guidance_scale=syn.guidance_scale, seed=cfg.seed,
+        guidance_scale=syn.guidance_scale, image_size=cfg.data.image_size, seed=cfg.seed,
     )
 
 
+@register_stage(
+    "synthesize", inputs=("finetune",), uses_model=True,
+    # it draws images, then runs the masks and inpaint logic on them: it reads those stages' settings too
+    settings=("seed", "concept", "prompts", "model", "data.image_size", "masks", "inpaint", "synthesize",
+              *PREDICTION_HARDWARE),
+)
 def run_synthesize(ctx) -> dict:
     from conceptdistill.figures import save_grid
 
@@ -96,5 +106,7 @@ def run_synthesize(ctx) -> dict:
     save_grid(ctx.stage_dir("synthesize") / "synthetic_grid.png",
               {name: [store.load(name, sid) for sid in ids] for name in OUTPUTS})
     masks = [store.load("mask", sid) for sid in store.ids("mask")]
-    return {"samples": len(masks), "mean_mask_fraction": float(sum(m.mean() for m in masks) / max(len(masks), 1)),
+    skipped = store.skipped()
+    return {"samples": len(masks), "skipped": len(skipped), **({"skipped_ids": skipped} if skipped else {}),
+            "mean_mask_fraction": float(sum(m.mean() for m in masks) / max(len(masks), 1)),
             "empty_masks": int(sum(not m.any() for m in masks))}

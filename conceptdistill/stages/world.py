@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from conceptdistill.runner import command_line
 from conceptdistill.stages.finetune import ConceptDistillationFineTuner
+from conceptdistill.stages.registry import TRAINING_HARDWARE, register_stage
 from conceptdistill.utils.io import write_json
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ FIDELITY_KEYS = ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "backgr
                  "classifier_accuracy", "fidelity_settings")
 
 
+@register_stage("world", settings=("seed", "data", "world", "model.batch_size", *TRAINING_HARDWARE))
 def run_world(ctx) -> dict:
     from conceptdistill.diffusion.loading import save_diffusion_parts
     from conceptdistill.evaluation import log_results
@@ -76,7 +78,7 @@ def run_world(ctx) -> dict:
     drawn = draw_fidelity_samples(
         parts, classifier.to(parts.device), shapes=shapes, colours=colours, num_samples=fid.num_samples,
         num_background_samples=fid.num_background_samples, steps=fid.steps, guidance_scale=fid.guidance_scale,
-        seed=cfg.seed, batch_size=cfg.model.batch_size,
+        seed=cfg.seed, image_size=datamodule.image_size, batch_size=cfg.model.batch_size,
     )
     # one column per prompt (the fidelity prompts cycle through every colour-shape pair), 8 samples each
     columns: dict[str, list] = {}

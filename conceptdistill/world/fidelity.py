@@ -117,7 +117,7 @@ def fidelity_prompts(shapes: list[str], colours: list[str], count: int) -> list[
 @torch.no_grad()
 def draw_fidelity_samples(
     parts, classifier: ShapeColourClassifier, *, shapes: list[str], colours: list[str], num_samples: int,
-    num_background_samples: int, steps: int, guidance_scale: float, seed: int, batch_size: int = 64,
+    num_background_samples: int, steps: int, guidance_scale: float, seed: int, image_size: int, batch_size: int = 64,
 ) -> dict:
     """Sample every fidelity prompt (then the background prompt) and label each sample with the classifier:
     the samples, their prompts, the (shape, colour) each prompt asked for and the one the classifier saw."""
@@ -129,7 +129,7 @@ def draw_fidelity_samples(
         ids = [f"fidelity-{start + i}" for i in range(len(chunk))]
         latents = sample_latents(
             parts, [p for p, _, _ in chunk], sample_generators(seed, ids, "fidelity"), steps=steps,
-            guidance_scale=guidance_scale,
+            guidance_scale=guidance_scale, latent_shape=parts.latent_shape_for(image_size),
         )
         batch_images = parts.decode_latents(latents).float().cpu()
         images.append(batch_images)

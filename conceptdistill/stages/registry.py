@@ -1,0 +1,117 @@
+"""The stage registry: each stage declares itself once, where it is defined, with `@register_stage`.
+
+A declaration names what the stage's results depend on, and the runner derives everything else from it:
+- ``settings``: the dotted config keys the stage reads (``"masks"``, ``"prompts.foreground"``). The stage is
+  run with a view of the config that holds only these keys (plus the hardware and logging keys every stage
+  may use), so a stage cannot read a setting its fingerprint does not cover;
+- ``inputs``: the stages whose artifacts it reads (a tuple, or a function of the config for stages whose
+  inputs depend on settings, such as `segment`'s mask sources). Their fingerprints are part of its own, so a
+  change upstream invalidates everything downstream, and the runner refuses to run a stage whose inputs are
+  missing or were made with other settings;
+- ``uses_model``: the stage reads the diffusion model's weights; the fingerprint covers their content;
+- ``always_run`` (cheap summaries such as `report`) and ``reads_data`` (the data set is checked before any
+  stage runs).
+
+Keys in `PRESENTATION_KEYS` never enter a fingerprint: batch sizes of prediction stages, worker counts,
+figure counts and where files go do not change any result (randomness is per sample, see utils/seeding.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+#: config keys visible to every stage and never part of a fingerprint (hardware, logging, folders)
+INFRASTRUCTURE_KEYS = ("run_dir", "experiment", "trainer", "logger", "paths", "stages")
+#: keys that cannot change a stage's results; a change to them never invalidates finished work
+PRESENTATION_KEYS = frozenset({
+    "model.name", "model.path", "model.batch_size",
+    "data.batch_size", "data.num_workers", "data.scan_workers",
+    "masks.batch_size", "masks.figure_samples",
+    "inpaint.batch_size", "inpaint.figure_samples",
+    "synthesize.batch_size", "synthesize.figure_samples",
+    "segment.num_workers", "segment.figure_samples",
+    "finetune.sample_every", "finetune.sample_count", "finetune.sample_steps", "finetune.checkpoint_every",
+    "world.checkpoint_every",
+    "predict.batch_size", "predict.output_dir",
+})  # fmt: skip
+#: hardware settings that change numbers: precision everywhere, and the device count for training stages
+PREDICTION_HARDWARE = ("trainer.accelerator", "trainer.precision")
+TRAINING_HARDWARE = (*PREDICTION_HARDWARE, "trainer.devices", "trainer.num_nodes")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage's declaration (see the module docstring). `module` and `function` name its run function,
+    looked up at call time so that the function can be replaced (tests do)."""
+
+    name: str
+    module: str
+    function: str
+    settings: tuple[str, ...]
+    inputs: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
+    uses_model: bool = False
+    always_run: bool = False
+    reads_data: bool = True
+
+    def inputs_for(self, cfg) -> tuple[str, ...]:
+        return tuple(self.inputs(cfg) if callable(self.inputs) else self.inputs)
+
+    @property
+    def run(self) -> Callable[[Any], dict]:
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+_REGISTRY: dict[str, StageSpec] = {}
+
+
+def register_stage(
+    name: str, *, settings: tuple[str, ...], inputs=(), uses_model: bool = False, always_run: bool = False,
+    reads_data: bool = True,
+):
+    """Decorator for a stage's run function ``run(ctx) -> dict`` in module ``conceptdistill.stages.<name>``."""
+
+    def register(function):
+        _REGISTRY[name] = StageSpec(
+            name=name, module=function.__module__, function=function.__name__, settings=tuple(settings),
+            inputs=inputs, uses_model=uses_model, always_run=always_run, reads_data=reads_data,
+        )
+        return function
+
+    return register
+
+
+def stage_spec(name: str) -> StageSpec:
+    """The declaration of stage `name`, importing its module ``conceptdistill.stages.<name>`` on first use.
+
+    Raises:
+        StageError: for a name that is not a stage, listing the stages there are.
+    """
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"conceptdistill.stages.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"conceptdistill.stages.{name}":
+                raise
+    if name not in _REGISTRY:
+        raise StageError(f"unknown stage {name!r}; choose from {', '.join(known_stages())} (e.g. stages=[masks,finetune])")
+    return _REGISTRY[name]
+
+
+def known_stages() -> list[str]:
+    """Every stage module of this package (those that declare a stage)."""
+    import pkgutil
+
+    import conceptdistill.stages as package
+
+    names = [info.name for info in pkgutil.iter_modules(package.__path__)]
+    for name in names:
+        if name not in _REGISTRY:
+            importlib.import_module(f"conceptdistill.stages.{name}")
+    return [name for name in names if name in _REGISTRY]
