@@ -238,6 +238,19 @@ def test_duplicate_ids_are_found_before_any_file_is_decoded(tmp_path, monkeypatc
         ImageListDataset.scan(records, image_size=SIZE, workers=1)
 
 
+# ================================================================================= 6. the sample id rule
+def test_nested_image_id_and_the_documented_rule(tmp_path):
+    write_image(tmp_path / "a" / "b.jpg")
+    write_image(tmp_path / "c d+e.png")
+    dm = ImageFolderDataModule(root=tmp_path, **kw())
+    assert dm.dataset("train").sample_ids() == ["a__b", "c_d+e"]
+    import conceptdistill.stages.predict as predict
+
+    assert "`a/b.jpg` -> `a__b.png`" in predict.__doc__ and "a_b.png" not in predict.__doc__
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`a/b.jpg` -> `a__b`" in readme
+
+
 # ===================================================================== 7. written files follow the umask
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
