@@ -180,7 +180,8 @@ def test_cub_missing_mask_is_skipped_and_env_root(tmp_path, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="conceptdistill.data"):
         test = dm.dataset("test")
     assert len(test) == 1 and test.skipped == 1
-    assert "skipped 1 unreadable image(s)" in caplog.text and "Sooty_Albatross_0001_1071.png" in caplog.text
+    assert "skipped 1 image(s) without a mask file [missing mask]" in caplog.text
+    assert "Sooty_Albatross_0001_1071.png" in caplog.text and dm.stats()["test"]["skipped_kinds"] == {"missing mask": 1}
 
 
 # ======================================================================================== Stanford Dogs

@@ -156,3 +156,60 @@ def make_chest_xray(tmp_path: Path) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return root
+
+
+def write_oriented_jpeg(path: Path, stored: np.ndarray, orientation: int) -> Path:
+    """A JPEG whose pixels are `stored` (H, W, 3) uint8 and whose EXIF Orientation tag is `orientation`
+    (6: a viewer rotates it 90 degrees clockwise, as phones write portrait photos)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=exif)
+    return path
+
+
+def make_messy_folder(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
+    """An image folder in which every kind of entry a real folder collects appears once.
+
+    Returns (root, entries): every entry under root (relative path) -> the skip kind the reader must report,
+    or None for an image that must be kept. Plain sub-folders are containers, not entries; a folder named
+    like an image is an entry (and its contents are entries of their own).
+    """
+    import os
+
+    root = tmp_path / "messy"
+    entries: dict[str, str | None] = {}
+    for n, rel in enumerate(["a.jpg", "sub/b.png", "sub/deeper/c.JPG"]):
+        write_image(root / rel, seed=n)
+        entries[rel] = None
+    write_image(root / "gray.png", mode="L", seed=7)
+    entries["gray.png"] = None
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG" * 20)
+    entries["corrupt.jpg"] = "unreadable image"
+    (root / "text.png").write_text("a text file with an image extension\n")
+    entries["text.png"] = "unreadable image"
+    (root / "notes.txt").write_text("where these pictures come from\n")
+    entries["notes.txt"] = "not an image file"
+    (root / "sub" / "Thumbs.db").write_bytes(b"\x00" * 64)
+    entries["sub/Thumbs.db"] = "not an image file"
+    (root / ".DS_Store").write_bytes(b"\x00" * 64)
+    entries[".DS_Store"] = "hidden file or folder"
+    write_image(root / ".thumbnails" / "a.jpg", seed=8)  # a viewer's cache: not part of the data
+    entries[".thumbnails"] = "hidden file or folder"
+    os.symlink(root / "gone.jpg", root / "dangling.jpg")
+    entries["dangling.jpg"] = "broken link"
+    (root / "album.jpg").mkdir()
+    entries["album.jpg"] = "folder named like an image"
+    write_image(root / "album.jpg" / "inside.png", seed=9)
+    entries["album.jpg/inside.png"] = None
+    write_image(tmp_path / "elsewhere" / "linked.png", seed=10)
+    os.symlink(tmp_path / "elsewhere" / "linked.png", root / "link_to_image.png")
+    entries["link_to_image.png"] = None
+    os.symlink(tmp_path / "elsewhere", root / "linked_folder")  # a linked folder is read like a folder
+    entries["linked_folder/linked.png"] = None
+    os.symlink(root / "sub", root / "sub" / "deeper" / "loop")  # a link back up the tree
+    entries["sub/deeper/loop"] = "folder link already read"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "pipe.png")  # opening it to decode would block forever
+        entries["pipe.png"] = "not a regular file"
+    return root, entries

@@ -25,7 +25,14 @@ Every reader takes (Hydra config ``data.*``):
 A wrong or missing root raises `DatasetLayoutError` (a `FileNotFoundError`) whose message names the data
 set, the root looked at, how to set it, the expected layout and where the official files come from.
 Sample ids are file-name safe and unique within a data set (Stanford Cars prefixes ``train_``/``test_``,
-since its two folders reuse file names).
+since its two folders reuse file names). An id is the image's path (CSV readers: as the CSV lists it; image
+folder: under the root; CUB, Stanford Dogs and Cars: the file name alone) without its extension, with ``/``
+replaced by ``__`` and every other character outside ``[A-Za-z0-9._+-]`` by ``_`` (`safe_id`): ``a/b.jpg``
+becomes ``a__b``. Two files with one id (``a b.jpg`` and ``a_b.jpg``; ``x.jpg`` and ``x.png``) stop the run at
+setup with an error that names them all.
+
+Nothing listed vanishes: every listed image is kept or skipped with a kind and a reason (`scan_records`),
+one warning line per kind, and `FileDataModule.stats()` counts them per split.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from conceptdistill.data.images import (
     ImageRecord,
 )
 
+_SAFE_RULE = "without its extension, with '/' replaced by '__' and every other character outside [A-Za-z0-9._+-] by '_'"
+
 log = logging.getLogger("conceptdistill.data")
 
 Box = tuple[float, float, float, float]
@@ -59,7 +68,8 @@ class DatasetLayoutError(FileNotFoundError):
 
 
 def safe_id(text: str) -> str:
-    """A file-name-safe sample id: path separators become ``__``, other odd characters ``_``."""
+    """A file-name-safe sample id from a path given without its extension: ``/`` (and ``\\``) become ``__``,
+    every other character outside ``[A-Za-z0-9._+-]`` becomes ``_`` (``a/b c`` -> ``a__b_c``)."""
     text = text.replace("\\", "/").strip("/")
     text = text.replace("/", "__")
     return re.sub(r"[^A-Za-z0-9._+-]", "_", text) or "_"
@@ -129,6 +139,8 @@ class FileDataModule(ConceptDataModule):
     env_var: str = ""
     layout: str = ""
     source: str = ""
+    #: how this reader forms sample ids, stated in the error for two files with one id
+    id_rule: str = f"a sample id is the image's path under the data root {_SAFE_RULE}"
 
     def __init__(
         self,
@@ -237,6 +249,7 @@ class FileDataModule(ConceptDataModule):
                 resize_mode=self.resize_mode,
                 truth=self.truth,
                 mask_threshold=self.mask_threshold,
+                id_rule=self.id_rule,
             )
         return self._datasets[split]
 
@@ -246,7 +259,8 @@ class FileDataModule(ConceptDataModule):
             self.dataset(split)
 
     def stats(self) -> dict:
-        """Per built split: kept / skipped / converted counts (and the skipped paths) for a stage to report."""
+        """Per built split: kept / skipped / converted counts, the skipped paths and, when any were skipped,
+        "skipped_kinds" (kind -> count), for a stage to report. kept + skipped = the records listed."""
         return {split: ds.report.summary() for split, ds in self._datasets.items()}
 
     # ------------------------------------------------------------------------------------ helpers
@@ -271,6 +285,7 @@ class CUBDataModule(FileDataModule):
     name = "CUB-200-2011"
     env_var = "CUB_ROOT"
     truth = "mask"
+    id_rule = f"a sample id is the image's file name (no folder) {_SAFE_RULE}"
     layout = (
         "images.txt ('<image_id> <class_dir>/<file>.jpg' per line), train_test_split.txt ('<image_id> <1=train|"
         "0=test>'), images/<class_dir>/<file>.jpg, and the segmentation masks segmentations/<class_dir>/<file>"
@@ -376,6 +391,7 @@ class StanfordDogsDataModule(FileDataModule):
     name = "Stanford Dogs"
     env_var = "STANFORD_DOGS_ROOT"
     truth = "box"
+    id_rule = f"a sample id is the image's file name (no folder) {_SAFE_RULE}"
     layout = (
         "Images/<synset-dir>/<file>.jpg, Annotation/<synset-dir>/<file> (PASCAL VOC XML, no extension), "
         "train_list.mat and test_list.mat (MATLAB, cell array 'file_list'; also accepted under lists/)"
@@ -443,6 +459,8 @@ class StanfordCarsDataModule(FileDataModule):
     name = "Stanford Cars"
     env_var = "STANFORD_CARS_ROOT"
     truth = "box"
+    id_rule = (f"a sample id is the image's file name (no folder; prefixed train_ or test_ in the cars_train/ "
+               f"cars_test/ layout) {_SAFE_RULE}")
     layout = (
         "cars_train/<fname>.jpg, cars_test/<fname>.jpg, devkit/cars_train_annos.mat and "
         "cars_test_annos_withlabels.mat (in root or devkit/; devkit/cars_test_annos.mat also works), each with "
@@ -531,6 +549,7 @@ class _BoxCSVDataModule(FileDataModule):
 
     box_columns: tuple[str, str, str, str] = ("x0", "y0", "x1", "y1")
     box_format: str = "xyxy"
+    id_rule = f"a sample id is the image's path as the CSV lists it {_SAFE_RULE}"
     default_csv: str | None = None
     path_columns: tuple[str, ...] = ("image",)
 
@@ -734,12 +753,23 @@ class ImageFolderDataModule(FileDataModule):
     """Any folder of images (searched recursively), optionally with masks (truth = "mask", else None).
 
     Masks: ``masks_root`` (default $IMAGE_FOLDER_MASKS, else none) holds, for image root/<rel>/<name>.<ext>,
-    the mask <masks_root>/<rel>/<name>.png (or <masks_root>/<name>.png); foreground = gray value >
-    ``mask_threshold`` (palette masks: index != 0). Images without a mask are then skipped and counted.
+    the mask <masks_root>/<rel>/<name>.png (or <masks_root>/<name>.png), in any encoding `load_mask` reads
+    (0/255, 0/1, 16-bit, palette, colour on black, soft; foreground above ``mask_threshold``), drawn on the
+    image as displayed (EXIF orientation applied); a mask at another size but the same aspect ratio is
+    resized. Images without a usable mask are skipped and counted.
     Splits: if root has train/ and test/ subfolders they are the splits; otherwise ``test_fraction`` of the
     images go to test by a deterministic hash of their path — and with ``test_fraction: 0`` (the default)
     "test" is the whole folder, the same images as "train": the label-free method is trained on, and scored
     on, the same unlabelled images. The masks folder is never read as images.
+
+    Every entry under root is accounted for: each file, link, special file, hidden entry and folder named
+    like an image (``x.jpg/``) is a record of its split, and the scan keeps it or skips it with a kind —
+    "not an image file" (extension not in ``IMAGE_EXTENSIONS``), "hidden file or folder" (name starting with
+    ``.``; a hidden folder is one entry and is not searched), "broken link", "not a regular file", "folder
+    named like an image" (its contents are searched), "folder link already read" (a link back into the tree,
+    or a second link to one folder), "unreadable folder", "outside train/ and test/" (in a pre-split folder;
+    listed with train), or any reason of `scan_records`. So per split kept + skipped = entries.
+    Links to folders are followed; links to files are read as those files.
     """
 
     name = "image folder"
@@ -757,43 +787,76 @@ class ImageFolderDataModule(FileDataModule):
         self.test_fraction = float(test_fraction)
         super().__init__(root, **kwargs)
 
-    def _images_under(self, folder: Path) -> list[Path]:
+    def _entries(self) -> list[tuple[Path, str | None]]:
+        """Every entry under root, depth first in name order: (path, skip kind, or None for a candidate image)."""
+        if hasattr(self, "_walked"):
+            return self._walked
         masks = self.masks_root.resolve() if self.masks_root is not None else None
-        found = []
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or path.name.startswith("."):
-                continue
-            if masks is not None and masks in path.resolve().parents:
-                continue
-            found.append(path)
+        seen: set[Path] = set()
+        found: list[tuple[Path, str | None]] = []
+
+        def walk(folder: Path) -> None:
+            seen.add(folder.resolve())
+            try:
+                children = sorted(folder.iterdir(), key=lambda p: p.name)
+            except OSError:
+                found.append((folder, "unreadable folder"))
+                return
+            for path in children:
+                if path.name.startswith("."):
+                    found.append((path, "hidden file or folder"))
+                elif path.is_dir():
+                    real = path.resolve()
+                    if real == masks:
+                        continue  # the masks are not images of the data set
+                    if real in seen:
+                        found.append((path, "folder link already read"))
+                        continue
+                    if path.suffix.lower() in IMAGE_EXTENSIONS:
+                        found.append((path, "folder named like an image"))
+                    walk(path)
+                elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    found.append((path, "not an image file"))
+                else:
+                    found.append((path, None))  # the scan tells a broken link, a pipe or a corrupt file
+
+        walk(self.root)
+        found.sort(key=lambda entry: entry[0])  # the order a sorted rglob gave, so record order is unchanged
+        self._walked = found
         return found
 
     def _check_layout(self) -> None:
         if self.masks_root is not None and not self.masks_root.is_dir():
             raise self.layout_error(f"the masks folder {self.masks_root} does not exist")
         self._presplit = (self.root / "train").is_dir() and (self.root / "test").is_dir()
-        if not self._images_under(self.root):
+        if not any(kind is None for _, kind in self._entries()):
             raise self.layout_error("no image files found")
 
-    def _record(self, path: Path, base: Path) -> ImageRecord:
+    def _record(self, path: Path, base: Path, skip: str | None) -> ImageRecord:
         rel = path.relative_to(self.root)
         mask = None
-        if self.masks_root is not None:
+        if self.masks_root is not None and skip is None:
             candidates = [
                 self.masks_root / rel.with_suffix(".png"),
                 self.masks_root / path.relative_to(base).with_suffix(".png"),
                 self.masks_root / f"{path.stem}.png",
             ]
             mask = next((c for c in candidates if c.is_file()), candidates[0])
-        return ImageRecord(id=safe_id(str(rel.with_suffix(""))), image=path, mask=mask)
+        return ImageRecord(id=safe_id(str(rel.with_suffix(""))), image=path, mask=mask, skip=skip)
 
     def _list(self, split: str) -> list[ImageRecord] | None:
         if split == "val":
             return None
         if self._presplit:
-            base = self.root / split
-            return [self._record(p, base) for p in self._images_under(base)]
-        records = [self._record(p, self.root) for p in self._images_under(self.root)]
+            records = []
+            for path, skip in self._entries():
+                top = path.relative_to(self.root).parts
+                if len(top) > 1 and top[0] == split:
+                    records.append(self._record(path, self.root / split, skip))
+                elif split == "train" and not (len(top) > 1 and top[0] == "test"):
+                    records.append(self._record(path, self.root, skip or "outside train/ and test/"))
+            return records
+        records = [self._record(path, self.root, skip) for path, skip in self._entries()]
         if self.test_fraction <= 0:
             return records
         rest, test = hash_split(records, self.test_fraction, seed=self.split_seed, salt="test")

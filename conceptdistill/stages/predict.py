@@ -1,7 +1,12 @@
 """Stage "predict": segment a folder of new images with a trained segmentation model.
 
-Masks are written as PNGs at each image's own resolution, named by the image's path under the input
-folder (`a/b.jpg` -> `a_b.png`); unreadable files are skipped and counted, as the data readers do.
+Masks are written as PNGs at each image's own resolution, named by the image's sample id: its path under the
+input folder without its extension, with '/' replaced by '__' and every other character outside
+[A-Za-z0-9._+-] by '_' (`a/b.jpg` -> `a__b.png`, `c d.jpg` -> `c_d.png`). Two images with one id stop the
+stage before any model work. Every entry of the input folder is kept or skipped and counted (unreadable
+images, non-image files, broken links ...), as the data readers do. The readers load each image as displayed
+(EXIF orientation applied); `conceptdistill.data.images.image_size(path)` gives that (height, width), the
+size a mask must be written at to lie on its image.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """File I/O shared by the stages.
 
 Everything a stage writes goes through `atomic_write`, so an interrupted run never leaves a half-written file
-that a resumed run would mistake for finished work.
+that a resumed run would mistake for finished work. Written files get the permissions any new file gets
+(0o666 minus the process umask), so results can be shared like the rest of a run folder.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,36 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask as an int (e.g. 0o022), read without changing it where the system tells it.
+
+    Linux reports it in /proc/self/status. Elsewhere it can only be read by setting it, which is racy: the
+    lock keeps this module's writers apart, and the umask is set to 0o077 meanwhile, so a file another thread
+    creates in that instant is too private rather than too open.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside `path`; on success rename it onto `path` (atomic on POSIX)."""
+    """Open a temporary file beside `path`; on success rename it onto `path` (atomic on POSIX).
+
+    The file ends with mode 0o666 & ~umask, as `open` would create it (the temporary file is 0o600 until
+    it is complete).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -29,6 +57,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # only now: a half-written file stays private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
