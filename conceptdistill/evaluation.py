@@ -109,6 +109,7 @@ def evaluate_mask_stage(ctx, module) -> dict:
     summary = {
         "split": split,
         "images": len(ids),
+        # NaN, with a logged warning, when the split's truths hold one class: the maps are written by now.
         "attention_auc": attention_auc(*sampled_pixels(maps, truths, seed=ctx.cfg.seed)),
         "attention_contrast": attention_contrast(maps, truths),
         "rows": rows,
@@ -152,10 +153,8 @@ def per_layer_diagnostics(module, ids: list[str], truth: dict[str, dict]) -> dic
     result = {}
     for layer, maps in attention_store.per_layer_mean().items():
         layer_maps = list(maps.float().cpu().numpy())
-        try:
-            auc = attention_auc(*sampled_pixels(layer_maps, truths))
-        except ValueError:
-            auc = float("nan")
+        # NaN (with a warning) when the truths hold one class; non-finite maps still raise, as for the mean map.
+        auc = attention_auc(*sampled_pixels(layer_maps, truths))
         result[layer] = {"auc": auc, "contrast": attention_contrast(layer_maps, truths)}
     return result
 

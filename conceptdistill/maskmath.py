@@ -18,6 +18,8 @@ from sklearn.mixture import GaussianMixture
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEGENERATE_ATOL",
+    "DEGENERATE_RTOL",
     "DegenerateMapError",
     "Rect",
     "RectangleRules",
@@ -36,9 +38,17 @@ __all__ = [
 # SD 1.x latent grid side; the paper's rectangle rules are stated for it.
 _REFERENCE_LATENT_SIZE = 64
 
+# A map whose range is at most DEGENERATE_RTOL * magnitude + DEGENERATE_ATOL is constant up to rounding. The
+# relative part is about two float16 ulps (eps 2**-10 ~ 1e-3): attention is computed in float16 on GPUs and
+# stored in float16, so a flat map of values ~1e-3 comes back with a spread of an ulp or two (~1e-6). Real
+# low-contrast maps differ by percents (the shapes world's inside/outside contrast is 1.04). The absolute part
+# only catches maps that are zero up to round-off.
+DEGENERATE_RTOL = 2e-3
+DEGENERATE_ATOL = 1e-12
+
 
 class DegenerateMapError(ValueError):
-    """The map has no two-cluster structure to threshold (constant, all-NaN, or one cluster)."""
+    """The map has no two-cluster structure to threshold (constant up to rounding, all-NaN, or one cluster)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,22 +56,45 @@ class DegenerateMapError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def gmm_threshold(values: np.ndarray, *, seed: int = 0, max_samples: int = 100_000) -> float:
+def _check_not_flat(flat: np.ndarray, rtol: float, atol: float, what: str) -> None:
+    """Raise DegenerateMapError when the finite float64 values `flat` are constant up to rounding."""
+    if flat.size < 2:
+        raise DegenerateMapError(f"cannot threshold {what} with {flat.size} finite value(s)")
+    low, high = float(flat.min()), float(flat.max())
+    magnitude = max(abs(low), abs(high))
+    if high - low <= rtol * magnitude + atol:
+        raise DegenerateMapError(
+            f"{what} is constant up to rounding: range {high - low:.3g} <= {rtol:g} * {magnitude:.3g} + {atol:g} "
+            f"({np.unique(flat).size} distinct finite value(s))"
+        )
+
+
+def gmm_threshold(
+    values: np.ndarray,
+    *,
+    seed: int = 0,
+    max_samples: int = 100_000,
+    rtol: float = DEGENERATE_RTOL,
+    atol: float = DEGENERATE_ATOL,
+) -> float:
     """Midpoint of the two component means of a 2-component Gaussian mixture fitted to `values`.
 
-    Non-finite values are ignored. Deterministic: the mixture uses `random_state=seed` and inputs larger
-    than `max_samples` are subsampled with a generator seeded by `seed`.
-    Raises DegenerateMapError when there is nothing to split (fewer than 2 distinct finite values, or the
-    two fitted means coincide).
+    `values`: any shape and real dtype (float16 storage included), any range; non-finite values are ignored.
+    Deterministic: the mixture uses `random_state=seed` and inputs larger than `max_samples` are subsampled
+    with a generator seeded by `seed`. Returns a float64 threshold within the values' range.
+
+    Raises:
+        DegenerateMapError: nothing to split: fewer than 2 finite values; a map constant up to rounding, i.e.
+            (max - min) <= rtol * max(|max|, |min|) + atol (defaults `DEGENERATE_RTOL` = 2e-3, about two float16
+            ulps, and `DEGENERATE_ATOL` = 1e-12), which would otherwise be split along its round-off noise; or
+            two fitted means that coincide.
     """
     flat = np.asarray(values, dtype=np.float64).ravel()
     flat = flat[np.isfinite(flat)]
-    if flat.size < 2 or flat.min() == flat.max():
-        raise DegenerateMapError(f"cannot threshold a map with {np.unique(flat).size} distinct finite value(s)")
+    _check_not_flat(flat, rtol, atol, "a map")
     if flat.size > max_samples:
         flat = np.random.default_rng(seed).choice(flat, size=max_samples, replace=False)
-        if flat.min() == flat.max():
-            raise DegenerateMapError("the subsample has a single distinct value")
+        _check_not_flat(flat, rtol, atol, "the subsample of a map")
 
     # Standardise before fitting: attention probabilities are ~1e-3 with variances far below sklearn's
     # reg_covar (1e-6), which would otherwise blur the components. The midpoint is affine-equivariant.
@@ -103,8 +136,8 @@ def binarize_map(
     """GMM-midpoint threshold then majority filter: returns (bool mask, threshold).
 
     polarity "high" (the method's rule) marks values above the threshold as object; "low" marks those
-    below it. A degenerate map gives an all-False mask and threshold nan, with a logged warning; this
-    never raises for degenerate input. filter_size <= 1 disables the majority filter. `floor` (polarity
+    below it. A degenerate map (see `gmm_threshold`: constant up to rounding, all-NaN, or one cluster) gives
+    an all-False mask and threshold nan, with a logged warning; this never raises for degenerate input. filter_size <= 1 disables the majority filter. `floor` (polarity
     "high" only) is the smallest threshold allowed: a map whose two clusters are both below it (noise
     only) then gives an empty mask instead of a split of the noise.
     """

@@ -8,6 +8,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, TypedDict
 
@@ -17,6 +18,8 @@ from sklearn.metrics import roc_auc_score
 from torchmetrics import Metric
 
 from conceptdistill.maskmath import centre_box_mask
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Counts",
@@ -217,10 +220,17 @@ class SegmentationScores(Metric):
 def attention_auc(maps: Masks, truths: Masks, *, max_pixels: int | None = 10_000_000, seed: int = 0) -> float:
     """Pixel AUC-ROC of float attention maps against bool truths, pixels pooled over all images.
 
-    Maps must already have the truths' shape (the caller upsamples). Exact (sklearn's roc_auc_score, ties
-    handled) up to `max_pixels` pooled pixels, about 6 s at 1e7 on one core; above that a deterministic
-    uniform subsample of `max_pixels` pixels (seeded by `seed`) is scored. Raises ValueError when the
-    truths hold only one class.
+    Maps are float (any dtype, any range) and must already have the truths' shape (the caller upsamples).
+    Exact (sklearn's roc_auc_score, ties handled) up to `max_pixels` pooled pixels, about 6 s at 1e7 on one
+    core; above that a deterministic uniform subsample of `max_pixels` pixels (seeded by `seed`) is scored.
+
+    Returns:
+        The AUC in [0, 1]; NaN, with a logged warning, when the scored truth pixels hold a single class (all
+        background or all object) or none, where AUC is undefined. That is a property of the data split, not an error,
+        and it must not crash a stage whose maps are already written.
+    Raises:
+        ValueError: non-finite map values (a fault upstream, not of the data), or a map and truth of different
+            shapes.
     """
     scores, labels = [], []
     for m, t in _zip_images(maps, truths, "maps"):
@@ -232,11 +242,14 @@ def attention_auc(maps: Masks, truths: Masks, *, max_pixels: int | None = 10_000
     score, label = np.concatenate(scores), np.concatenate(labels)
     if not np.isfinite(score).all():
         raise ValueError("attention maps contain non-finite values")
-    if label.all() or not label.any():
-        raise ValueError("AUC is undefined when the truths contain only one class")
     if max_pixels is not None and score.size > max_pixels:
         keep = np.random.default_rng(seed).choice(score.size, size=max_pixels, replace=False)
         score, label = score[keep], label[keep]
+    # Checked after subsampling: the pixels actually scored are the ones that must hold both classes.
+    if label.all() or not label.any():
+        kind = "object" if label.size and label.all() else "background"
+        logger.warning("attention AUC is undefined (all %d truth pixels are %s): reporting NaN", label.size, kind)
+        return float("nan")
     return float(roc_auc_score(label, score))
 
 

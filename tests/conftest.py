@@ -61,3 +61,48 @@ def tiny_model(tmp_path_factory) -> Path:
     from conceptdistill.diffusion.tiny import build_tiny_parts
 
     return save_diffusion_parts(build_tiny_parts(), tmp_path_factory.mktemp("tiny-model") / "pipeline")
+
+
+# CLIP's BPE table (open_clip's copy): a header line, then merges in rank order. CLIP keeps the first
+# 49152 - 256 - 2 of them, so that 256 bytes + 256 bytes with "</w>" + merges + 2 special tokens = 49408 ids.
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_MERGES = 49152 - 256 - 2
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    """Stable Diffusion's CLIP tokenizer (49408 ids, model_max_length 77) rebuilt offline from the BPE table
+    that ships in the open_clip_torch wheel (dev extra), as a `transformers.CLIPTokenizer`."""
+    import gzip
+    import importlib.util
+    import json
+
+    from transformers import CLIPTokenizer
+
+    from conceptdistill.diffusion.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, _byte_alphabet
+
+    # find_spec locates the package without importing it (importing open_clip loads torch models: seconds).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_torch (dev extra) is not installed: no CLIP vocabulary to test against")
+    bpe_file = Path(next(iter(spec.submodule_search_locations))) / CLIP_BPE_FILE
+    with gzip.open(bpe_file, "rt", encoding="utf-8") as handle:
+        merges = handle.read().split("\n")[1 : CLIP_MERGES + 1]
+    alphabet = _byte_alphabet()
+    symbols = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(m.split()) for m in merges]
+    vocab = {symbol: i for i, symbol in enumerate(symbols + [BOS_TOKEN, EOS_TOKEN])}
+    assert len(vocab) == 49408, "CLIP's vocabulary has 49408 distinct entries"
+
+    folder = tmp_path_factory.mktemp("clip-tokenizer")
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)

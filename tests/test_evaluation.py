@@ -1,13 +1,21 @@
-"""Scoring helpers of conceptdistill.evaluation: streaming mask scores and the pixel sample for AUC."""
+"""Scoring in conceptdistill.evaluation: streaming mask scores, the pixel sample for AUC, one-class splits."""
 
 from __future__ import annotations
 
+import logging
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-from conceptdistill.evaluation import mask_scores, sampled_pixels
+from conceptdistill.evaluation import evaluate_mask_stage, mask_scores, sampled_pixels
 from conceptdistill.maskmath import upsample_mask
 from conceptdistill.metrics import attention_auc, pooled_counts, scores_from_counts
+from conceptdistill.stages.masks import mask_store
+from conceptdistill.utils.io import read_json, write_json
 
 
 def test_mask_scores_upsample_each_prediction_and_pool_the_pixels():
@@ -37,3 +45,56 @@ def test_sampled_pixels_are_exact_under_the_budget_and_a_seeded_equal_sample_abo
     again, _ = sampled_pixels(maps, truths, budget=600, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(small, again, strict=True))
     assert abs(attention_auc(small, small_labels) - full) < 0.1
+
+
+class _Split:
+    """A data split of (image, mask) samples as the data modules give them: tensors, ids."""
+
+    def __init__(self, masks: list[np.ndarray]) -> None:
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, index: int) -> dict:
+        mask = torch.from_numpy(self.masks[index])
+        return {"id": f"test-{index:06d}", "image": torch.rand(3, *mask.shape), "mask": mask}
+
+
+class _Masker:
+    """`module` of evaluate_mask_stage: per-layer maps of the given images from a fixed pattern."""
+
+    def attention_maps(self, images: torch.Tensor, ids: list[str], *, per_layer: bool = False):
+        maps = torch.rand(len(ids), 8, 8, generator=torch.Generator().manual_seed(0))
+        store = SimpleNamespace(per_layer_mean=lambda: {"up_blocks.0": maps, "up_blocks.1": 2 * maps})
+        return maps, store
+
+
+@pytest.mark.parametrize("object_everywhere", [False, True])
+def test_mask_stage_scores_a_one_class_split_with_nan_auc(tmp_path, caplog, object_everywhere):
+    # Truths all background (or all object): every map is already written, so scoring must finish.
+    masks = [np.full((16, 16), object_everywhere) for _ in range(3)]
+    cfg = OmegaConf.create({"seed": 0, "masks": {"splits": ["train", "test"], "figure_samples": 2}})
+    ctx = SimpleNamespace(
+        cfg=cfg,
+        run_dir=tmp_path,
+        datamodule=SimpleNamespace(truth=True, dataset=lambda split: _Split(masks)),
+        stage_dir=lambda stage: tmp_path / stage,
+        logger=lambda stage: None,
+    )
+    store = mask_store(ctx, "test")
+    rng = np.random.default_rng(0)
+    for index in range(len(masks)):
+        store.save(f"test-{index:06d}", "attention", rng.random((8, 8)).astype(np.float32))
+        store.save(f"test-{index:06d}", "mask", rng.random((8, 8)) > 0.5)
+
+    with caplog.at_level(logging.WARNING, logger="conceptdistill.metrics"):
+        summary = evaluate_mask_stage(ctx, _Masker())
+    assert summary["images"] == 3
+    assert math.isnan(summary["attention_auc"])
+    assert set(summary["layers"]) == {"up_blocks.0", "up_blocks.1"}
+    assert all(math.isnan(layer["auc"]) for layer in summary["layers"].values())
+    assert any("attention AUC is undefined" in r.getMessage() for r in caplog.records)
+    # The summary is recorded as JSON (DONE.json, results.json); NaN round-trips.
+    write_json(tmp_path / "summary.json", summary)
+    assert math.isnan(read_json(tmp_path / "summary.json")["attention_auc"])

@@ -80,6 +80,53 @@ def test_gmm_threshold_degenerate_raises(values):
     assert issubclass(DegenerateMapError, ValueError)
 
 
+def near_constant_maps() -> dict[str, np.ndarray]:
+    """Maps that are constant up to rounding; the old exact-equality check split each along its noise."""
+    rng = np.random.default_rng(0)
+    attention = 1e-3 + 1e-7 * rng.standard_normal((64, 64))
+    return {
+        "0.5 + 1e-7 noise": 0.5 + 1e-7 * rng.standard_normal((64, 64)),
+        "0.5 +- 1e-9": 0.5 + 1e-9 * rng.choice([-1.0, 1.0], (64, 64)),
+        # float16 storage of a flat attention map ~1e-3: two values one ulp (~1e-6) apart
+        "float16 round-off": attention.astype(np.float16),
+        "zero up to round-off": 1e-15 * rng.random((64, 64)),
+        "negative, 0.5 + 1e-7 noise": -0.5 + 1e-7 * rng.standard_normal((64, 64)),
+    }
+
+
+@pytest.mark.parametrize("name", list(near_constant_maps()))
+def test_gmm_threshold_near_constant_map_is_degenerate(name):
+    values = near_constant_maps()[name]
+    assert np.unique(values).size >= 2  # not constant: only the tolerance makes it degenerate
+    with pytest.raises(DegenerateMapError, match="constant up to rounding"):
+        gmm_threshold(values)
+    with pytest.raises(DegenerateMapError, match="constant up to rounding"):
+        gmm_threshold(values, max_samples=100)  # the subsample is checked the same way
+
+
+@pytest.mark.parametrize("relative_contrast", [1e-2, 4e-2])
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_gmm_threshold_low_contrast_map_is_not_degenerate(relative_contrast, dtype):
+    # Attention-scale values whose object is only 1% (or, like the shapes world, 4%) above the background.
+    rng = np.random.default_rng(0)
+    amap = 1e-3 * (1 + relative_contrast * 0.02 * rng.standard_normal((64, 64)))
+    amap[16:48, 16:48] *= 1 + relative_contrast
+    amap = amap.astype(dtype)
+    threshold = gmm_threshold(amap)
+    assert 1e-3 < threshold < 1e-3 * (1 + relative_contrast)
+    mask, _ = binarize_map(amap)
+    np.testing.assert_array_equal(mask, box_without_corners((64, 64), slice(16, 48), slice(16, 48)))
+
+
+def test_degenerate_tolerance_is_a_documented_argument():
+    values = 0.5 + 1e-7 * np.random.default_rng(0).standard_normal(1000)
+    with pytest.raises(DegenerateMapError):
+        gmm_threshold(values)
+    assert 0.49 < gmm_threshold(values, rtol=0.0, atol=0.0) < 0.51  # exact equality only: split along the noise
+    with pytest.raises(DegenerateMapError):
+        gmm_threshold(np.array([0.0, 1.0]), atol=2.0)
+
+
 # --- majority_filter ------------------------------------------------------------------------------
 
 
@@ -142,6 +189,16 @@ def test_binarize_map_degenerate_warns_and_returns_empty(amap, caplog):
     assert mask.shape == amap.shape and mask.dtype == bool and not mask.any()
     assert math.isnan(threshold)
     assert any("degenerate" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", list(near_constant_maps()))
+def test_binarize_map_near_constant_map_warns_and_returns_empty(name, caplog):
+    amap = near_constant_maps()[name]
+    with caplog.at_level(logging.WARNING, logger="conceptdistill.maskmath"):
+        mask, threshold = binarize_map(amap)
+    assert mask.shape == amap.shape and mask.dtype == bool and not mask.any()
+    assert math.isnan(threshold)
+    assert any("degenerate" in r.getMessage() and "rounding" in r.getMessage() for r in caplog.records)
 
 
 # --- upsample_mask --------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -114,10 +117,36 @@ def test_attention_auc_subsampling_is_close_and_deterministic():
 
 
 def test_attention_auc_errors():
-    with pytest.raises(ValueError):
-        attention_auc(np.zeros((4, 4)), np.ones((4, 4), dtype=bool))  # one class
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="upsample"):
         attention_auc(np.zeros((2, 2)), np.ones((4, 4), dtype=bool))  # shape mismatch
+    # Non-finite maps are a fault upstream, not a property of the data: still an error.
+    for bad in (np.nan, np.inf):
+        maps = np.zeros((4, 4))
+        maps[1, 2] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            attention_auc(maps, np.eye(4, dtype=bool))
+        with pytest.raises(ValueError, match="non-finite"):
+            attention_auc(maps, np.zeros((4, 4), dtype=bool))  # even where AUC would be undefined anyway
+
+
+@pytest.mark.parametrize("truth_value, kind", [(False, "background"), (True, "object")])
+def test_attention_auc_of_a_single_class_is_nan_with_a_warning(truth_value, kind, caplog):
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 8, 8))
+    truths = np.full((3, 8, 8), truth_value)
+    with caplog.at_level(logging.WARNING, logger="conceptdistill.metrics"):
+        auc = attention_auc(list(maps), list(truths))
+    assert math.isnan(auc)
+    assert any(f"all 192 truth pixels are {kind}" in r.getMessage() for r in caplog.records)
+
+
+def test_attention_auc_judges_the_pixels_it_scores():
+    # One object pixel among 10000: the full set has both classes, a 100-pixel subsample almost surely not.
+    truths = np.zeros((100, 100), dtype=bool)
+    truths[0, 0] = True
+    maps = np.random.default_rng(0).random((100, 100))
+    assert 0.0 <= attention_auc(maps, truths, max_pixels=None) <= 1.0
+    assert math.isnan(attention_auc(maps, truths, max_pixels=100))
 
 
 def test_best_centre_box_finds_exact_square():
