@@ -165,10 +165,13 @@ class RunContext:
         """A Lightning trainer with the configured hardware settings plus the stage's own budget."""
         import pytorch_lightning as pl
 
+        from conceptdistill.utils.checkpoints import AtomicCheckpointIO
+
         kwargs = dict(OmegaConf.to_container(self.full_cfg.trainer, resolve=True))
         kwargs.setdefault("default_root_dir", str(self.stage_dir(stage)))
         kwargs.setdefault("logger", self.logger(stage) or False)
         kwargs.setdefault("enable_model_summary", False)
+        kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         kwargs.update(overrides)
         return pl.Trainer(**kwargs)
 

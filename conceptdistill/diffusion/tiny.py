@@ -42,6 +42,8 @@ def build_tiny_parts(
     text_layers: int = 2,
     model_max_length: int = 16,
     tokenizer_folder: str | os.PathLike | None = None,
+    prediction_type: str = "epsilon",
+    scheduler: str = "DDIMScheduler",
 ) -> DiffusionParts:
     """Build random-weight SD-shaped parts; the same `seed` gives bit-identical weights.
 
@@ -55,6 +57,9 @@ def build_tiny_parts(
             (latent + mask + masked-image latent). Defaults to the latent's channel count.
         tokenizer_folder: where to write the tokenizer files; a temporary folder (deleted after loading) if
             None. The tokenizer holds everything in memory once loaded.
+        prediction_type: "epsilon" or "v_prediction" (SD 2.x 768-v), written into the scheduler config.
+        scheduler: the diffusers scheduler class the folder names (model folders ship DDIM, PNDM, Euler ...),
+            all with SD's noise schedule.
     """
     # Imported here so that `import conceptdistill.diffusion` stays cheap.
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -114,7 +119,9 @@ def build_tiny_parts(
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
+    import diffusers
+
+    ddim = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=SD_BETA_START,
         beta_end=SD_BETA_END,
@@ -122,7 +129,9 @@ def build_tiny_parts(
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,  # 0 triggers a deprecation warning in diffusers
+        prediction_type=prediction_type,
     )
+    scheduler = getattr(diffusers, scheduler).from_config(ddim.config)
     for module in (unet, vae, text_encoder):
         module.eval()
     return DiffusionParts(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)

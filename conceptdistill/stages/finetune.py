@@ -361,6 +361,7 @@ def run_finetune(ctx) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from conceptdistill.data.base import collate_samples
+    from conceptdistill.data.stream import checkpoint_step, step_loader
     from conceptdistill.stages.artifacts import WithArtifacts
     from conceptdistill.stages.masks import mask_store
     from conceptdistill.utils.io import write_json
@@ -387,8 +388,11 @@ def run_finetune(ctx) -> dict:
     trainer = ctx.trainer("finetune", max_steps=ft.max_steps, gradient_clip_val=ft.gradient_clip_val,
                           callbacks=callbacks, log_every_n_steps=10)
     last = folder / "checkpoints" / "last.ckpt"
-    loader = ctx.datamodule.loader(dataset, shuffle=True, batch_size=ft.batch_size)
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    resume = last if last.exists() else None
+    # batches and augmentations follow the step, so a resumed run trains on what an uninterrupted one would
+    loader = step_loader(ctx.datamodule, dataset, batch_size=ft.batch_size, seed=cfg.seed, salt="finetune",
+                         start_step=checkpoint_step(resume), trainer=trainer)
+    trainer.fit(module, loader, ckpt_path=str(resume) if resume else None)
     weights = save_finetuned(module, folder / "weights")
     write_json(folder / "loss.json", {"step_loss": history.history})
     return {"adapter": ft.adapter, "steps": int(trainer.global_step), "weights": str(weights.relative_to(ctx.run_dir)),

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from conceptdistill.maskmath import upsample_mask
 from conceptdistill.runner import open_output_folder, result_settings
@@ -63,6 +62,7 @@ def checkpoint_path(ctx) -> Path:
 
 @register_stage("predict", settings=("predict", "segment.image_size"), always_run=True, reads_data=False)
 def run_predict(ctx) -> dict:
+    from conceptdistill.data.images import image_size
     from conceptdistill.data.readers import ImageFolderDataModule
     from conceptdistill.stages.segment import SegmentationModel
 
@@ -79,7 +79,7 @@ def run_predict(ctx) -> dict:
     images = ImageFolderDataModule(root=pr.input_dir, image_size=ctx.cfg.segment.image_size, batch_size=pr.batch_size,
                                    num_workers=0)
     dataset = images.dataset("train")
-    sizes = {record.id: Image.open(record.image).size[::-1] for record in dataset.records}
+    sizes = {record.id: image_size(record.image) for record in dataset.records}  # as displayed (EXIF applied)
     output = Path(pr.output_dir).expanduser() if pr.output_dir else ctx.run_dir / "predict"
     # Masks made from other images, another checkpoint or other settings are never reused: the folder
     # records what made it and is moved aside when that changes.

@@ -32,7 +32,7 @@ PRESENTATION_KEYS = frozenset({
     "masks.batch_size", "masks.figure_samples",
     "inpaint.batch_size", "inpaint.figure_samples",
     "synthesize.batch_size", "synthesize.figure_samples",
-    "segment.num_workers", "segment.figure_samples",
+    "segment.num_workers", "segment.figure_samples", "segment.checkpoint_every",
     "finetune.sample_every", "finetune.sample_count", "finetune.sample_steps", "finetune.checkpoint_every",
     "world.checkpoint_every",
     "predict.batch_size", "predict.output_dir",

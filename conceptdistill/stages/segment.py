@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from conceptdistill.metrics import SegmentationScores
 from conceptdistill.stages.registry import TRAINING_HARDWARE, register_stage
+from conceptdistill.utils.seeding import sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def segment_inputs(cfg) -> tuple[str, ...]:
 def run_segment(ctx) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from conceptdistill.data.stream import checkpoint_step, step_loader
     from conceptdistill.evaluation import log_results
     from conceptdistill.figures import save_grid
     from conceptdistill.runner import finish_loggers
@@ -160,18 +162,23 @@ def run_segment(ctx) -> dict:
         if final.exists():
             model = SegmentationModel.load_from_checkpoint(final)
         else:
-            model = SegmentationModel(
-                arch=seg.arch, encoder_name=seg.encoder_name, encoder_weights=seg.encoder_weights,
-                encoder_depth=seg.encoder_depth, decoder_channels=tuple(seg.decoder_channels),
-                learning_rate=seg.learning_rate, threshold=seg.threshold,
-            )
-            pl.seed_everything(ctx.cfg.seed, workers=True)
-            checkpoints = ModelCheckpoint(dirpath=source_dir, save_last=True, every_n_train_steps=100)
+            # Initial weights from (seed, source) alone, never from what ran earlier in the process.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(ctx.cfg.seed, source, "segment-init"))
+                model = SegmentationModel(
+                    arch=seg.arch, encoder_name=seg.encoder_name, encoder_weights=seg.encoder_weights,
+                    encoder_depth=seg.encoder_depth, decoder_channels=tuple(seg.decoder_channels),
+                    learning_rate=seg.learning_rate, threshold=seg.threshold,
+                )
+            checkpoints = ModelCheckpoint(dirpath=source_dir, save_last=True, every_n_train_steps=seg.checkpoint_every)
             trainer = ctx.trainer(f"segment-{source}", max_steps=seg.max_steps, callbacks=[checkpoints],
                                   log_every_n_steps=20, default_root_dir=str(source_dir))
-            loader = ctx.datamodule.loader(training_set(ctx, source), shuffle=True, batch_size=seg.batch_size)
             last = source_dir / "last.ckpt"
-            trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
+            resume = last if last.exists() else None
+            loader = step_loader(ctx.datamodule, training_set(ctx, source), batch_size=seg.batch_size,
+                                 seed=ctx.cfg.seed, salt=f"segment-{source}", start_step=checkpoint_step(resume),
+                                 trainer=trainer)
+            trainer.fit(model, loader, ckpt_path=str(resume) if resume else None)
             trainer.save_checkpoint(final)
             finish_loggers()  # one logger run per mask source
         if test is not None:

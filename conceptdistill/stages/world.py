@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from conceptdistill.data.stream import checkpoint_step, step_loader
 from conceptdistill.runner import command_line
 from conceptdistill.stages.finetune import ConceptDistillationFineTuner
 from conceptdistill.stages.registry import TRAINING_HARDWARE, register_stage
@@ -125,15 +126,17 @@ def _train(ctx, parts, folder) -> dict:
     )
     pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
     images = ctx.datamodule.caption_dataset(world_cfg.num_images)
-    loader = ctx.datamodule.loader(images, shuffle=True, batch_size=world_cfg.batch_size)
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
     trainer = ctx.trainer(
         "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
         log_every_n_steps=20, max_time=datetime.timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,
     )
     last = folder / "checkpoints" / "last.ckpt"
+    resume = last if last.exists() else None
+    loader = step_loader(ctx.datamodule, images, batch_size=world_cfg.batch_size, seed=cfg.seed, salt="world",
+                         start_step=checkpoint_step(resume), trainer=trainer)
     started = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, loader, ckpt_path=str(resume) if resume else None)
     train_seconds = time.perf_counter() - started
     module.apply_ema()
     parts.to(trainer.strategy.root_device)
