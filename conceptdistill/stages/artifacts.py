@@ -154,6 +154,33 @@ def pending(dataset: Dataset, store: ArtifactStore) -> Dataset:
     return Subset(dataset, todo)
 
 
+class SampleIds(Dataset):
+    """The samples a store holds, as {"id": ...} items (e.g. the synthetic set, whose images are in the store)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample_ids(self) -> list[str]:
+        return list(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": self.ids[index]}
+
+
+def with_output(dataset: Dataset, store: ArtifactStore, output: str) -> Subset:
+    """The samples of `dataset` for which `store` holds `output`; the others (skipped upstream) are logged."""
+    ids = sample_ids(dataset)
+    keep = [i for i, sid in enumerate(ids) if store.path(output, sid).exists()]
+    if len(keep) < len(ids):
+        missing = sorted(set(ids) - {ids[i] for i in keep})
+        log.warning("%d sample(s) have no %s in %s and are left out: %s", len(missing), output, store.folder,
+                    ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    return Subset(dataset, keep)
+
+
 class WithArtifacts(Dataset):
     """Adds earlier stages' per-sample outputs to each sample, e.g. {"prelim_mask": (store, "mask")}.
 

@@ -106,21 +106,26 @@ class MaskedImages(Dataset):
 
 
 def training_set(ctx, source: str) -> Dataset:
+    from conceptdistill.stages.artifacts import SampleIds, with_output
     from conceptdistill.stages.inpaint import inpaint_store
     from conceptdistill.stages.masks import mask_store
-    from conceptdistill.stages.synthesize import SyntheticIds, synthetic_store
+    from conceptdistill.stages.synthesize import synthetic_store
 
     seg = ctx.cfg.segment
     train = ctx.datamodule.dataset("train")
     options = {"size": seg.image_size, "augment": seg.augment}
+    # Only images whose masks exist: one skipped upstream (a non-finite latent, say) has none.
     if source == "preliminary":
-        return MaskedImages(train, mask_store(ctx, "train"), **options)
-    if source == "refined":
-        return MaskedImages(train, inpaint_store(ctx, "train"), **options)
-    if source == "refined+synthetic":
-        store = synthetic_store(ctx)
-        synthetic = MaskedImages(SyntheticIds(len(store.ids("mask"))), store, image_store=store, **options)
-        return ConcatDataset([MaskedImages(train, inpaint_store(ctx, "train"), **options), synthetic])
+        store = mask_store(ctx, "train")
+        return MaskedImages(with_output(train, store, "mask"), store, **options)
+    if source in ("refined", "refined+synthetic"):
+        store = inpaint_store(ctx, "train")
+        refined = MaskedImages(with_output(train, store, "mask"), store, **options)
+        if source == "refined":
+            return refined
+        synthetic = synthetic_store(ctx)
+        return ConcatDataset([refined, MaskedImages(SampleIds(synthetic.ids("mask")), synthetic, image_store=synthetic,
+                                                    **options)])
     if source == "truth":
         if ctx.datamodule.truth != "mask":
             raise ValueError("segment source 'truth' needs a data set with ground-truth masks")
