@@ -66,6 +66,8 @@ class RunContext:
         settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings)}
         if spec.uses_model:
             settings["model_weights"] = self.model_fingerprint()
+        if spec.reads_data and not spec.always_run:
+            settings["data_files"] = self.data_fingerprint()
         settings["inputs"] = {name: self.fingerprint(name) for name in spec.inputs_for(self.full_cfg)}
         blob = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -74,6 +76,24 @@ class RunContext:
         from conceptdistill.diffusion.loading import model_fingerprint
 
         return model_fingerprint(self.diffusion_source(), revision=self.full_cfg.model.get("revision"))
+
+    def data_fingerprint(self) -> str | None:
+        """Hash of the data set's files as listed (id, path, size, modification time of each image and mask),
+        so that files replaced or added under a data root invalidate finished work; None for generated data."""
+        if "_data_fingerprint" not in self.__dict__:
+            records = getattr(self.datamodule, "records", None)
+            digest = None
+            if records is not None:
+                hasher = hashlib.sha256()
+                for split in ("train", "val", "test"):
+                    for record in records(split):
+                        hasher.update(f"{split}\0{record.id}\0{record.boxes}\0{record.box_frame}".encode())
+                        for path in (record.image, record.mask):
+                            stat = os.stat(path) if path is not None and os.path.exists(path) else None
+                            hasher.update(f"\0{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}".encode())
+                digest = hasher.hexdigest()[:16]
+            self.__dict__["_data_fingerprint"] = digest
+        return self.__dict__["_data_fingerprint"]
 
     def is_complete(self, stage: str) -> bool:
         record = self.done_record(stage)

@@ -115,8 +115,8 @@ def test_masks_stage_writes_one_map_and_mask_per_image(masks_run):
             assert mask.shape == (16, 16) and mask.dtype == bool
 
     summary = summaries["masks"]
-    assert summary["train"] == {"images": SPLITS["train"], "skipped": 0}
-    assert summary["test"] == {"images": SPLITS["test"], "skipped": 0}
+    assert summary["train"] == {"images": SPLITS["train"], "skipped_in_stage": 0}
+    assert summary["test"] == {"images": SPLITS["test"], "skipped_in_stage": 0}
     assert summary["split"] == "test" and summary["images"] == SPLITS["test"]
     assert 0.0 <= summary["attention_auc"] <= 1.0
     assert {"preliminary_masks", "baseline_centre_box", "baseline_all_foreground"} <= set(summary["rows"])
@@ -168,7 +168,7 @@ def test_complete_stage_is_skipped_and_changed_settings_move_it_aside(masks_run,
     assert_complete(run_dir)
     new_done = read_json(run_dir / "masks" / "DONE.json")
     assert new_done["fingerprint"] != read_json(stale[0] / "DONE.json")["fingerprint"]
-    assert changed["masks"]["train"] == {"images": SPLITS["train"], "skipped": 0}
+    assert changed["masks"]["train"] == {"images": SPLITS["train"], "skipped_in_stage": 0}
 
 
 # ----- killed part-way, then resumed ---------------------------------------------------------------
@@ -222,6 +222,6 @@ def test_killed_masks_run_resumes_without_redoing_finished_images(tiny_model, tm
     after = snapshot(run_dir)
     for key, state in finished.items():
         assert after[key] == state, f"{key} was rewritten by the resumed run"
-    assert summaries["masks"]["train"] == {"images": SPLITS["train"], "skipped": 0}
-    assert summaries["masks"]["test"] == {"images": SPLITS["test"], "skipped": 0}
+    assert summaries["masks"]["train"] == {"images": SPLITS["train"], "skipped_in_stage": 0}
+    assert summaries["masks"]["test"] == {"images": SPLITS["test"], "skipped_in_stage": 0}
     assert (run_dir / "masks" / "masks_grid.png").exists()

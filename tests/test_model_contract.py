@@ -176,7 +176,7 @@ def test_a_nan_latent_skips_that_image_everywhere_and_is_counted(tmp_path, monke
 
     monkeypatch.setattr(DiffusionParts, "encode_images", overflowing_vae)
     run_dir, summaries = shapes_run(tmp_path, saved(tmp_path))
-    assert summaries["masks"]["train"]["skipped"] == 1
+    assert summaries["masks"]["train"]["skipped_in_stage"] == 1
     assert list(summaries["masks"]["train"]["skipped_ids"]) == [poisoned_id]
     assert summaries["inpaint"]["train"]["missing_upstream"] == 1
     assert summaries["inpaint"]["train"]["images"] == 7
@@ -253,7 +253,7 @@ def test_timestep_grid_settings_are_refused_before_any_work(tmp_path, overrides,
 def test_a_concept_given_as_a_plain_string_is_one_word(tmp_path):
     run_dir, summaries = shapes_run(tmp_path, saved(tmp_path), "concept=circle", stages=["masks"])
     assert summaries["masks"]["train"]["images"] == 8
-    assert json.loads((run_dir / "masks" / "DONE.json").read_text())["summary"]["train"]["skipped"] == 0
+    assert json.loads((run_dir / "masks" / "DONE.json").read_text())["summary"]["train"]["skipped_in_stage"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -343,6 +343,13 @@ class LossHistory(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.history.append((trainer.global_step, float(loss)))
 
+    # Carried in the checkpoint, so a resumed run's curve covers the steps before the interruption too.
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [tuple(pair) for pair in state_dict.get("history", [])]
+
 
 def loss_curve_summary(history: list[tuple[int, float]]) -> dict:
     """Mean loss over the first and the last tenth of training: the curve should go down."""

@@ -119,7 +119,9 @@ def build_masker(ctx, parts) -> AttentionMaskGenerator:
 def split_counts(store: ArtifactStore, missing_upstream: list[str] | None = None) -> dict:
     """A split's counts for a stage summary: images written, and every sample left out, with why."""
     skipped = store.skipped()
-    counts: dict = {"images": len(store.ids(next(iter(store.outputs)))), "skipped": len(skipped)}
+    # "skipped_in_stage": images the stage could not process (e.g. non-finite); the data set's own "skipped"
+    # (unreadable files) is counted separately, in summary["data"]
+    counts: dict = {"images": len(store.ids(next(iter(store.outputs)))), "skipped_in_stage": len(skipped)}
     if skipped:
         counts["skipped_ids"] = skipped
     if missing_upstream is not None:

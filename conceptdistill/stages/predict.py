@@ -21,7 +21,7 @@ import numpy as np
 from conceptdistill.maskmath import upsample_mask
 from conceptdistill.runner import open_output_folder, result_settings
 from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
-from conceptdistill.stages.registry import register_stage
+from conceptdistill.stages.registry import StageError, register_stage
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ def run_predict(ctx) -> dict:
     dataset = images.dataset("train")
     sizes = {record.id: image_size(record.image) for record in dataset.records}  # as displayed (EXIF applied)
     output = Path(pr.output_dir).expanduser() if pr.output_dir else ctx.run_dir / "predict"
+    source_dir = Path(pr.input_dir).expanduser().resolve()
+    if output.resolve() == source_dir or source_dir in output.resolve().parents:
+        raise StageError(f"predict.output_dir={output} lies inside predict.input_dir={pr.input_dir}: its masks would be "
+                         "read as new images by the next run; choose a folder outside the input folder")
     # Masks made from other images, another checkpoint or other settings are never reused: the folder
     # records what made it and is moved aside when that changes.
     open_output_folder(output, prediction_fingerprint(ctx, checkpoint, dataset.records), "stage predict")

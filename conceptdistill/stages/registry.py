@@ -37,9 +37,9 @@ PRESENTATION_KEYS = frozenset({
     "world.checkpoint_every",
     "predict.batch_size", "predict.output_dir",
 })  # fmt: skip
-#: hardware settings that change numbers: precision everywhere, and the device count for training stages
-PREDICTION_HARDWARE = ("trainer.accelerator", "trainer.precision")
-TRAINING_HARDWARE = (*PREDICTION_HARDWARE, "trainer.devices", "trainer.num_nodes")
+#: trainer settings (precision, device count, and any extra Trainer argument such as accumulate_grad_batches)
+#: can change numbers; every stage's fingerprint covers them all
+PREDICTION_HARDWARE = TRAINING_HARDWARE = ("trainer",)
 
 
 class StageError(RuntimeError):

@@ -7,6 +7,7 @@ baselines; a row a stage has not produced is absent, never zero. Figures are col
 from __future__ import annotations
 
 import datetime
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from conceptdistill.runner import command_line
 from conceptdistill.stages.registry import register_stage
 from conceptdistill.utils.io import write_json
+
+log = logging.getLogger(__name__)
 
 #: (key in results.json, label in results.md), in the ladder's order
 ROWS = [
@@ -42,8 +45,10 @@ def git_commit() -> str | None:
 
 
 def collect_results(ctx) -> dict:
-    """results.json's content from the stages' DONE records."""
-    records = {stage: ctx.done_record(stage) for stage in STAGES}
+    """results.json's content from the DONE records of the stages that are complete for the current settings:
+    a stage whose outputs were made with other settings (or whose inputs changed since) is left out, with a
+    warning, so the table never mixes results of different settings."""
+    records = {stage: ctx.done_record(stage) if _current(ctx, stage) else None for stage in STAGES}
     summaries = {stage: (record or {}).get("summary", {}) for stage, record in records.items()}
     rows: dict = {}
     for stage in ("masks", "inpaint", "segment"):
@@ -74,6 +79,20 @@ def collect_results(ctx) -> dict:
     if summaries["synthesize"]:
         results["synthetic"] = summaries["synthesize"]
     return results
+
+
+def _current(ctx, stage: str) -> bool:
+    if ctx.done_record(stage) is None:
+        return False
+    try:
+        current = ctx.is_complete(stage)
+    except (OSError, ValueError) as err:  # e.g. the model folder is gone: its results cannot be checked
+        log.warning("report: cannot check that stage %s is current (%s); leaving its results out", stage, err)
+        return False
+    if not current:
+        log.warning("report: stage %s was run with other settings (or its inputs changed since); its results are "
+                    "left out of the report: run it again (stages=[%s,...,report])", stage, stage)
+    return current
 
 
 def _packaged_world_training(ctx) -> dict:

@@ -107,6 +107,6 @@ def run_synthesize(ctx) -> dict:
               {name: [store.load(name, sid) for sid in ids] for name in OUTPUTS})
     masks = [store.load("mask", sid) for sid in store.ids("mask")]
     skipped = store.skipped()
-    return {"samples": len(masks), "skipped": len(skipped), **({"skipped_ids": skipped} if skipped else {}),
+    return {"samples": len(masks), "skipped_in_stage": len(skipped), **({"skipped_ids": skipped} if skipped else {}),
             "mean_mask_fraction": float(sum(m.mean() for m in masks) / max(len(masks), 1)),
             "empty_masks": int(sum(not m.any() for m in masks))}

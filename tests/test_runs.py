@@ -1,0 +1,299 @@
+"""Runs never reuse stale results and resume to the same numbers: each stage's fingerprint covers exactly
+what it reads, a stage refuses stale inputs, predicted masks record what made them, and a training stage
+killed mid-run (SIGKILL of a child process) resumes to the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, compose
+from omegaconf import OmegaConf
+from PIL import Image
+from test_end_to_end import ALL_STAGES, TINY_STEPS
+
+from conceptdistill.runner import RunContext, StageError, run
+
+WORK = ["masks", "finetune", "inpaint", "synthesize", "segment"]
+#: a setting of a stage's section invalidates that stage and everything downstream of it
+DOWNSTREAM = {"masks": WORK, "finetune": WORK[1:], "inpaint": WORK[2:], "synthesize": WORK[3:], "segment": WORK[4:]}
+#: settings that cannot change any result (written out here, independently of the registry's list)
+NO_EFFECT = {"masks.batch_size", "masks.figure_samples", "inpaint.batch_size", "inpaint.figure_samples",
+             "synthesize.batch_size", "synthesize.figure_samples", "segment.num_workers", "segment.figure_samples",
+             "segment.checkpoint_every", "finetune.sample_every", "finetune.sample_count", "finetune.sample_steps",
+             "finetune.checkpoint_every"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+def overrides_for(model: Path, *extra: str) -> list[str]:
+    return [f"model.path={model}", "data.num_train=8", "data.num_test=4", "logger=none", *TINY_STEPS, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model):
+    import torch as _torch
+
+    threads = _torch.get_num_threads()
+    _torch.set_num_threads(1)
+    from conceptdistill import runner
+
+    configure, runner._configure_torch = runner._configure_torch, lambda: _torch.set_num_threads(1)
+    try:
+        run_dir = tmp_path_factory.mktemp("finished") / "run"
+        overrides = [f"stages=[{','.join(ALL_STAGES)}]", *overrides_for(tiny_model)]
+        run(compose(overrides, run_dir=run_dir))
+    finally:
+        runner._configure_torch = configure
+        _torch.set_num_threads(threads)
+    return run_dir, overrides
+
+
+def stale_stages(run_dir: Path, overrides: list[str]) -> list[str]:
+    ctx = RunContext(compose(overrides, run_dir=run_dir))
+    return [stage for stage in WORK if not ctx.is_complete(stage)]
+
+
+def changed_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value[:1] if len(value) > 1 else [*value, value[0] if value else "x"]
+    return 1  # None
+
+
+def test_each_setting_invalidates_exactly_its_stage_and_those_downstream(finished_run):
+    run_dir, overrides = finished_run
+    assert stale_stages(run_dir, overrides) == []
+    cfg = OmegaConf.to_container(compose(overrides, run_dir=run_dir), resolve=True)
+    checked = 0
+    for section, expected in DOWNSTREAM.items():
+        for key, value in cfg[section].items():
+            name = f"{section}.{key}"
+            if name == "segment.sources":
+                continue  # changes which stages segment reads; checked below
+            override = f"{name}={json.dumps(changed_value(value))}"
+            assert stale_stages(run_dir, [*overrides, override]) == ([] if name in NO_EFFECT else expected), override
+            checked += 1
+    assert checked >= 40
+    for override, expected in [
+        ("seed=1", WORK), ("data.num_train=9", WORK), ("data.image_size=48", WORK), ("concept=[square]", WORK),
+        ("prompts.background='a photo of the background'", WORK[1:]), ("trainer.precision=bf16-mixed", WORK),
+        ("segment.sources=[preliminary]", ["segment"]),
+        ("model.batch_size=5", []), ("data.batch_size=3", []), ("data.num_workers=1", []), ("logger=csv", []),
+    ]:
+        assert stale_stages(run_dir, [*overrides, override]) == expected, override
+
+
+def test_changing_an_inpaint_setting_recomputes_the_synthetic_masks(finished_run, tmp_path):
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    before = {p.name: p.read_bytes() for p in (run_dir / "synthesize" / "samples" / "mask").glob("*.png")}
+    run(compose([*overrides, "inpaint.filter_size=5", "inpaint.close_holes=true"], run_dir=run_dir))
+    assert len(list(run_dir.glob("synthesize.stale-*"))) == 1 and len(list(run_dir.glob("masks.stale-*"))) == 0
+    after = {p.name: p.read_bytes() for p in (run_dir / "synthesize" / "samples" / "mask").glob("*.png")}
+    assert set(after) == set(before)
+    # masks that did not change do not prove anything; the samples were made again (new files)
+    assert json.loads((run_dir / "synthesize" / "DONE.json").read_text())["fingerprint"] != json.loads(
+        next(run_dir.glob("synthesize.stale-*/DONE.json")).read_text())["fingerprint"]
+
+
+def test_settings_that_cannot_change_results_rerun_nothing(finished_run, tmp_path, monkeypatch):
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    done = {stage: (run_dir / stage / "DONE.json").read_bytes() for stage in WORK}
+    run(compose([*overrides, "model.batch_size=5", "masks.batch_size=3", "logger=csv"], run_dir=run_dir))
+    assert {stage: (run_dir / stage / "DONE.json").read_bytes() for stage in WORK} == done
+    assert not list(run_dir.glob("*.stale-*"))
+
+
+def test_a_stage_refuses_inputs_made_with_other_settings(finished_run, tmp_path):
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    changed = [o for o in overrides if not o.startswith("stages=")] + ["masks.filter_size=5", "stages=[finetune]"]
+    with pytest.raises(StageError, match=r"reads the outputs of stage masks, which was made with other settings"):
+        run(compose(changed, run_dir=run_dir))
+
+
+def test_a_stage_sees_only_the_settings_it_declares(finished_run):
+    run_dir, overrides = finished_run
+    ctx = RunContext(compose(overrides, run_dir=run_dir))
+    view = ctx.view("masks")
+    assert view.masks.num_steps == 10 and view.prompts.foreground
+    with pytest.raises(Exception, match="inpaint"):
+        view.inpaint  # noqa: B018
+    with pytest.raises(Exception, match="background"):
+        view.prompts.background  # noqa: B018
+    assert ctx.view("synthesize").inpaint.filter_size == 3  # synthesize runs the inpaint logic: it declares it
+
+
+# ----- predicted masks outside the run folder -----------------------------------------------------------------
+def write_images(folder: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_predictions_of_other_inputs_are_never_reused(finished_run, tmp_path):
+    run_dir, overrides = finished_run
+    output = tmp_path / "out"
+    base = [o for o in overrides if not o.startswith("stages=")] + ["stages=[predict]", f"predict.output_dir={output}"]
+    first = run(compose([*base, f"predict.input_dir={write_images(tmp_path / 'one', 0)}"], run_dir=run_dir))
+    assert first["predict"]["images"] == 2
+    masks_first = {p.name: p.read_bytes() for p in (output / "mask").glob("*.png")}
+    again = run(compose([*base, f"predict.input_dir={write_images(tmp_path / 'two', 1)}"], run_dir=run_dir))
+    assert again["predict"]["images"] == 2
+    stale = list(tmp_path.glob("out.stale-*"))
+    assert len(stale) == 1 and {p.name: p.read_bytes() for p in (stale[0] / "mask").glob("*.png")} == masks_first
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="not written by this tool"):
+        run(compose([*base[:-1], f"predict.output_dir={foreign}", f"predict.input_dir={tmp_path / 'two'}"],
+                    run_dir=run_dir))
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+# ----- killed with SIGKILL mid-training, then resumed -------------------------------------------------------
+def cli(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    args = [o for o in overrides if not o.startswith("stages=")]
+    stages = next(o for o in overrides if o.startswith("stages="))
+    return subprocess.Popen([sys.executable, "-m", "conceptdistill", stages, *args, f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_after(process: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert process.poll() is None, "the run ended before it wrote its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def state_of(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("stage", ["finetune", "segment"])
+def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(finished_run, tmp_path, stage):
+    original, overrides = finished_run
+    budget = {"finetune": ["finetune.max_steps=30", "finetune.checkpoint_every=3"],
+              "segment": ["segment.max_steps=30", "segment.checkpoint_every=3", "segment.sources=[refined]"]}[stage]
+    settings = [o for o in overrides if not o.startswith("stages=")] + budget + [f"stages=[{stage}]"]
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        run_dir = tmp_path / name
+        shutil.copytree(original, run_dir, ignore=shutil.ignore_patterns(stage, *WORK[WORK.index(stage) + 1:]))
+        if name == "killed":
+            marker = run_dir / stage / ("checkpoints/last.ckpt" if stage == "finetune" else "refined/last.ckpt")
+            kill_after(cli(run_dir, settings), marker)
+            assert not (run_dir / stage / "DONE.json").exists(), "the kill came too late to test a resume"
+            step = torch.load(marker, weights_only=False)["global_step"]
+            assert 3 <= step < 30
+        runs[name] = run(compose(settings, run_dir=run_dir))[stage]
+    if stage == "finetune":
+        from safetensors.torch import load_file
+
+        weights = [load_file(tmp_path / n / "finetune/weights/pytorch_lora_weights.safetensors") for n in runs]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        assert runs["killed"]["loss_last_tenth"] == runs["uninterrupted"]["loss_last_tenth"]
+    else:
+        finals = [state_of(tmp_path / n / "segment/refined/final.ckpt") for n in runs]
+        assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+        assert runs["killed"]["rows"] == runs["uninterrupted"]["rows"]
+
+
+def test_world_training_interrupted_after_a_checkpoint_resumes_to_the_same_model(tmp_path, monkeypatch):
+    from pytorch_lightning.callbacks import Callback
+
+    from conceptdistill import runner
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashAtStep(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_index):
+            if trainer.global_step == 3:
+                raise Crash("simulated power cut")
+
+    overrides = ["stages=[world]", "logger=none", "data.num_train=8", "data.num_test=4", "world.num_images=64",
+                 "world.max_steps=5", "world.checkpoint_every=2", "world.batch_size=8", "world.warmup_steps=2",
+                 "world.architecture.block_out_channels=[16,16,16]", "world.fidelity.num_samples=4",
+                 "world.fidelity.num_background_samples=2", "world.fidelity.steps=2",
+                 "world.fidelity.classifier_images=64", "world.fidelity.classifier_epochs=1"]
+    run(compose(overrides, run_dir=tmp_path / "uninterrupted"))
+    trainer = RunContext.trainer
+
+    def crashing(self, stage, **kwargs):
+        if stage == "world" and "max_steps" in kwargs:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), CrashAtStep()]
+        return trainer(self, stage, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner.RunContext, "trainer", crashing)
+        with pytest.raises(Crash):
+            run(compose(overrides, run_dir=tmp_path / "resumed"))
+    assert torch.load(tmp_path / "resumed/world/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+    run(compose(overrides, run_dir=tmp_path / "resumed"))
+    from safetensors.torch import load_file
+
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = (load_file(tmp_path / name / "world/pipeline" / part) for name in ("uninterrupted", "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_extra_trainer_arguments_and_replaced_data_files_invalidate_work(finished_run, tmp_path):
+    run_dir, overrides = finished_run
+    assert stale_stages(run_dir, [*overrides, "+trainer.accumulate_grad_batches=4"]) == WORK
+    folder = tmp_path / "images"
+    write_images(folder, 0)
+    base = ["data=folder", f"data.root={folder}", "data.num_workers=0", "data.scan_workers=1", "data.image_size=32",
+            *[o for o in overrides if not o.startswith(("stages=", "data."))], "stages=[masks]"]
+    run(compose(base, run_dir=tmp_path / "folder-run"))
+    assert "masks" not in stale_stages(tmp_path / "folder-run", base)
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(folder / "a.png")  # same name, new picture
+    assert "masks" in stale_stages(tmp_path / "folder-run", base)
+
+
+def test_the_report_never_mixes_results_of_different_settings(finished_run, tmp_path):
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    base = [o for o in overrides if not o.startswith("stages=")]
+    run(compose([*base, "masks.filter_size=5", "stages=[masks,report]"], run_dir=run_dir))
+    rows = json.loads((run_dir / "report" / "results.json").read_text())["rows"]
+    assert "preliminary_masks" in rows
+    assert not {"refined_masks", "unet_refined", "unet_truth"} & set(rows)  # made downstream of the old masks
+
+
+def test_predicted_masks_may_not_land_inside_the_input_folder(finished_run, tmp_path):
+    run_dir, overrides = finished_run
+    images = write_images(tmp_path / "in", 0)
+    base = [o for o in overrides if not o.startswith("stages=")] + ["stages=[predict]", f"predict.input_dir={images}"]
+    with pytest.raises(StageError, match="inside predict.input_dir"):
+        run(compose([*base, f"predict.output_dir={images / 'seg'}"], run_dir=run_dir))
