@@ -47,6 +47,9 @@ class RunContext:
         self.run_dir = Path(cfg.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.summaries: dict[str, dict] = {}
+        # Fingerprints depend on the config (fixed for the run) and on the model folder, which a `world` stage
+        # replaces: they are memoised and forgotten whenever a stage finishes.
+        self._fingerprints: dict[str, str] = {}
 
     # ----- folders and completion ---------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -62,38 +65,38 @@ class RunContext:
         """Hash of everything the stage's results depend on: its declared settings (less presentation keys),
         the model's weights if it reads them, and its inputs' fingerprints as the current config would make
         them (so a change upstream changes every fingerprint downstream, before anything reruns)."""
-        spec = stage_spec(stage)
-        settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings)}
-        if spec.uses_model:
-            settings["model_weights"] = self.model_fingerprint()
-        if spec.reads_data and not spec.always_run:
-            settings["data_files"] = self.data_fingerprint()
-        settings["inputs"] = {name: self.fingerprint(name) for name in spec.inputs_for(self.full_cfg)}
-        blob = json.dumps(settings, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        if stage not in self._fingerprints:
+            spec = stage_spec(stage)
+            settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings)}
+            if spec.uses_model:
+                settings["model_weights"] = self.model_fingerprint()
+            if spec.reads_data and not spec.always_run:
+                settings["data_files"] = self.data_fingerprint
+            settings["inputs"] = {name: self.fingerprint(name) for name in spec.inputs_for(self.full_cfg)}
+            blob = json.dumps(settings, sort_keys=True, default=str)
+            self._fingerprints[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._fingerprints[stage]
 
     def model_fingerprint(self) -> str:
         from conceptdistill.diffusion.loading import model_fingerprint
 
         return model_fingerprint(self.diffusion_source(), revision=self.full_cfg.model.get("revision"))
 
+    @cached_property
     def data_fingerprint(self) -> str | None:
         """Hash of the data set's files as listed (id, path, size, modification time of each image and mask),
         so that files replaced or added under a data root invalidate finished work; None for generated data."""
-        if "_data_fingerprint" not in self.__dict__:
-            records = getattr(self.datamodule, "records", None)
-            digest = None
-            if records is not None:
-                hasher = hashlib.sha256()
-                for split in ("train", "val", "test"):
-                    for record in records(split):
-                        hasher.update(f"{split}\0{record.id}\0{record.boxes}\0{record.box_frame}".encode())
-                        for path in (record.image, record.mask):
-                            stat = os.stat(path) if path is not None and os.path.exists(path) else None
-                            hasher.update(f"\0{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}".encode())
-                digest = hasher.hexdigest()[:16]
-            self.__dict__["_data_fingerprint"] = digest
-        return self.__dict__["_data_fingerprint"]
+        records = getattr(self.datamodule, "records", None)
+        if records is None:
+            return None
+        hasher = hashlib.sha256()
+        for split in ("train", "val", "test"):
+            for record in records(split):
+                hasher.update(f"{split}\0{record.id}\0{record.boxes}\0{record.box_frame}".encode())
+                for path in (record.image, record.mask):
+                    stat = os.stat(path) if path is not None and os.path.exists(path) else None
+                    hasher.update(f"\0{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}".encode())
+        return hasher.hexdigest()[:16]
 
     def is_complete(self, stage: str) -> bool:
         record = self.done_record(stage)
@@ -234,32 +237,27 @@ def open_output_folder(folder: Path, fingerprint: str, what: str) -> Path:
     return folder
 
 
-def _resolved(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+def _select(cfg: DictConfig, keys, transform=lambda value, key: value) -> dict:
+    """The resolved values of the dotted `keys` of `cfg` that exist, nested as in `cfg`."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    selected: dict = {}
+    for key in keys:
+        value, found = _lookup(plain, key)
+        if found:
+            _assign(selected, key, transform(value, key))
+    return selected
 
 
 def config_view(cfg: DictConfig, keys) -> DictConfig:
     """A struct config holding only `keys` (dotted) of `cfg`, resolved; reading any other key raises."""
-    plain = _resolved(cfg)
-    view: dict = {}
-    for key in keys:
-        value, found = _lookup(plain, key)
-        if found:
-            _assign(view, key, value)
-    result = OmegaConf.create(view)
+    result = OmegaConf.create(_select(cfg, keys))
     OmegaConf.set_struct(result, True)
     return result
 
 
 def result_settings(cfg: DictConfig, keys) -> dict:
     """The values of `keys` that can change results (`keys` less PRESENTATION_KEYS, at any depth)."""
-    plain = _resolved(cfg)
-    selected: dict = {}
-    for key in keys:
-        value, found = _lookup(plain, key)
-        if found:
-            _assign(selected, key, _without_presentation(value, key))
-    return selected
+    return _select(cfg, keys, _without_presentation)
 
 
 def _without_presentation(value: Any, prefix: str) -> Any:
@@ -320,6 +318,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             ctx.cfg = cfg
             finish_loggers()
         seconds = time.perf_counter() - started
+        ctx._fingerprints.clear()  # e.g. `world` has just replaced the model that later stages read
         write_json(
             ctx.stage_dir(stage) / "DONE.json",
             {"fingerprint": fingerprint, "seconds": round(seconds, 2), "summary": summary},

@@ -154,6 +154,21 @@ def pending(dataset: Dataset, store: ArtifactStore) -> Dataset:
     return Subset(dataset, todo)
 
 
+def split_counts(store: ArtifactStore, missing_upstream: list[str] | None = None) -> dict:
+    """A split's counts for a stage summary: images written, and every sample left out, with why."""
+    skipped = store.skipped()
+    # "skipped_in_stage": images the stage could not process (e.g. non-finite); the data set's own "skipped"
+    # (unreadable files) is counted separately, in summary["data"]
+    counts: dict = {"images": len(store.ids(next(iter(store.outputs)))), "skipped_in_stage": len(skipped)}
+    if skipped:
+        counts["skipped_ids"] = skipped
+    if missing_upstream is not None:
+        counts["missing_upstream"] = len(missing_upstream)
+        if missing_upstream:
+            counts["missing_upstream_ids"] = list(missing_upstream)
+    return counts
+
+
 class SampleIds(Dataset):
     """The samples a store holds, as {"id": ...} items (e.g. the synthetic set, whose images are in the store)."""
 
@@ -166,19 +181,29 @@ class SampleIds(Dataset):
     def sample_ids(self) -> list[str]:
         return list(self.ids)
 
+    def sample_id(self, index: int) -> str:
+        return self.ids[index]
+
     def __getitem__(self, index: int) -> dict:
         return {"id": self.ids[index]}
 
 
-def with_output(dataset: Dataset, store: ArtifactStore, output: str) -> Subset:
-    """The samples of `dataset` for which `store` holds `output`; the others (skipped upstream) are logged."""
-    ids = sample_ids(dataset)
-    keep = [i for i, sid in enumerate(ids) if store.path(output, sid).exists()]
-    if len(keep) < len(ids):
-        missing = sorted(set(ids) - {ids[i] for i in keep})
-        log.warning("%d sample(s) have no %s in %s and are left out: %s", len(missing), output, store.folder,
+def present(ids: list[str], outputs: list[tuple[ArtifactStore, str]]) -> tuple[list[int], list[str]]:
+    """Positions of the ids for which every (store, output) file exists, and the ids left out (skipped by an
+    earlier stage), which are logged."""
+    keep = [i for i, sid in enumerate(ids) if all(store.path(output, sid).exists() for store, output in outputs)]
+    kept = {ids[i] for i in keep}
+    missing = [sid for sid in ids if sid not in kept]
+    if missing:
+        names = ", ".join(f"{output} in {store.folder}" for store, output in outputs)
+        log.warning("%d sample(s) have no %s and are left out: %s", len(missing), names,
                     ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-    return Subset(dataset, keep)
+    return keep, missing
+
+
+def with_output(dataset: Dataset, store: ArtifactStore, output: str) -> Subset:
+    """The samples of `dataset` for which `store` holds `output` (see `present`)."""
+    return Subset(dataset, present(sample_ids(dataset), [(store, output)])[0])
 
 
 class WithArtifacts(Dataset):
@@ -192,12 +217,7 @@ class WithArtifacts(Dataset):
         self.dataset = dataset
         self.extras = extras
         ids = sample_ids(dataset)
-        present = [all(store.path(output, sid).exists() for store, output in extras.values()) for sid in ids]
-        self.indices = [i for i, ok in enumerate(present) if ok]
-        self.missing = [sid for sid, ok in zip(ids, present, strict=True) if not ok]
-        if self.missing:
-            log.warning("%d sample(s) have no output of an earlier stage and are left out: %s", len(self.missing),
-                        ", ".join(self.missing[:10]) + (" ..." if len(self.missing) > 10 else ""))
+        self.indices, self.missing = present(ids, list(extras.values()))
         self._ids = [ids[i] for i in self.indices]
 
     def __len__(self) -> int:

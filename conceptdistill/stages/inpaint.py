@@ -86,7 +86,8 @@ def build_inpainter(ctx, parts) -> BackgroundInpainter:
 )
 def run_inpaint(ctx) -> dict:
     from conceptdistill.evaluation import evaluate_inpaint_stage
-    from conceptdistill.stages.masks import mask_store, split_counts
+    from conceptdistill.stages.artifacts import split_counts
+    from conceptdistill.stages.masks import mask_store
 
     cfg = ctx.cfg
     module = build_inpainter(ctx, ctx.load_parts(finetuned=True))

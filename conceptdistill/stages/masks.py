@@ -19,7 +19,7 @@ from conceptdistill.diffusion.attention import AttentionStore, capture_cross_att
 from conceptdistill.diffusion.loading import register_parts
 from conceptdistill.diffusion.tokenizer import concept_token_indices
 from conceptdistill.maskmath import binarize_map, close_and_fill_holes
-from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
+from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending, split_counts
 from conceptdistill.stages.registry import PREDICTION_HARDWARE, register_stage
 from conceptdistill.utils.seeding import randn_per_sample, sample_generators
 
@@ -114,21 +114,6 @@ def build_masker(ctx, parts) -> AttentionMaskGenerator:
         polarity=cfg.masks.polarity, fill_holes=cfg.masks.fill_holes, closing_size=cfg.masks.closing_size,
         seed=cfg.seed,
     )
-
-
-def split_counts(store: ArtifactStore, missing_upstream: list[str] | None = None) -> dict:
-    """A split's counts for a stage summary: images written, and every sample left out, with why."""
-    skipped = store.skipped()
-    # "skipped_in_stage": images the stage could not process (e.g. non-finite); the data set's own "skipped"
-    # (unreadable files) is counted separately, in summary["data"]
-    counts: dict = {"images": len(store.ids(next(iter(store.outputs)))), "skipped_in_stage": len(skipped)}
-    if skipped:
-        counts["skipped_ids"] = skipped
-    if missing_upstream is not None:
-        counts["missing_upstream"] = len(missing_upstream)
-        if missing_upstream:
-            counts["missing_upstream_ids"] = list(missing_upstream)
-    return counts
 
 
 def mask_store(ctx, split: str) -> ArtifactStore:

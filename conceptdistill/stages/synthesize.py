@@ -11,31 +11,21 @@ from __future__ import annotations
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import Dataset
 
 from conceptdistill.diffusion.loading import register_parts
 from conceptdistill.diffusion.sampling import ddim_scheduler, sample_latents
-from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
+from conceptdistill.stages.artifacts import ArtifactStore, SampleIds, SampleWriter, pending
 from conceptdistill.stages.registry import PREDICTION_HARDWARE, register_stage
 from conceptdistill.utils.seeding import sample_generators
 
 OUTPUTS = {"image": "image", "prelim_mask": "mask", "background": "image", "mask": "mask", "foreground": "image"}
 
 
-class SyntheticIds(Dataset):
+class SyntheticIds(SampleIds):
     """The ids of the synthetic samples to draw: synth-000000, synth-000001, ..."""
 
     def __init__(self, count: int) -> None:
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def sample_id(self, index: int) -> str:
-        return f"synth-{index:06d}"
-
-    def __getitem__(self, index: int) -> dict:
-        return {"id": self.sample_id(index)}
+        super().__init__([f"synth-{index:06d}" for index in range(count)])
 
 
 class SyntheticSetGenerator(pl.LightningModule):
