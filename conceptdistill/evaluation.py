@@ -130,7 +130,9 @@ def evaluate_mask_stage(ctx, module) -> dict:
 
 
 def attention_contrast(maps: list[np.ndarray], truths: list[np.ndarray]) -> float:
-    """Mean attention inside the object over mean outside (pooled): above 1 means the right polarity."""
+    """Mean attention inside the object over mean outside (pooled): above 1 means the right polarity.
+
+    NaN when the truths hold a single class (no inside or no outside to compare), as the AUC is then."""
     inside = outside = 0.0
     n_in = n_out = 0
     for attention, truth in zip(maps, truths, strict=True):
@@ -139,7 +141,9 @@ def attention_contrast(maps: list[np.ndarray], truths: list[np.ndarray]) -> floa
         outside += float(up[~truth].sum())
         n_in += int(truth.sum())
         n_out += int((~truth).sum())
-    return (inside / max(n_in, 1)) / max(outside / max(n_out, 1), 1e-12)
+    if n_in == 0 or n_out == 0:
+        return float("nan")
+    return (inside / n_in) / max(outside / n_out, 1e-12)
 
 
 def per_layer_diagnostics(module, ids: list[str], truth: dict[str, dict]) -> dict[str, dict]:

@@ -191,8 +191,11 @@ class RunContext:
         from conceptdistill.utils.checkpoints import AtomicCheckpointIO
 
         kwargs = dict(OmegaConf.to_container(self.full_cfg.trainer, resolve=True))
-        kwargs.setdefault("default_root_dir", str(self.stage_dir(stage)))
-        kwargs.setdefault("logger", self.logger(stage) or False)
+        # Defaults only where the caller gave none: each creates something (a folder, a logger run).
+        if "default_root_dir" not in overrides:
+            kwargs.setdefault("default_root_dir", str(self.stage_dir(stage)))
+        if "logger" not in overrides:
+            kwargs.setdefault("logger", self.logger(stage) or False)
         kwargs.setdefault("enable_model_summary", False)
         kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         kwargs.update(overrides)

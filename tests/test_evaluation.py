@@ -98,3 +98,14 @@ def test_mask_stage_scores_a_one_class_split_with_nan_auc(tmp_path, caplog, obje
     # The summary is recorded as JSON (DONE.json, results.json); NaN round-trips.
     write_json(tmp_path / "summary.json", summary)
     assert math.isnan(read_json(tmp_path / "summary.json")["attention_auc"])
+
+
+def test_attention_contrast_of_a_single_class_is_nan_not_a_number_from_an_empty_side():
+    from conceptdistill.evaluation import attention_contrast
+
+    maps = [np.linspace(0, 1, 16).reshape(4, 4)]
+    assert math.isnan(attention_contrast(maps, [np.zeros((4, 4), bool)]))  # was 0
+    assert math.isnan(attention_contrast(maps, [np.ones((4, 4), bool)]))  # was about 1e12
+    half = np.zeros((4, 4), bool)
+    half[2:] = True
+    assert attention_contrast(maps, [half]) > 1

@@ -297,3 +297,8 @@ def test_predicted_masks_may_not_land_inside_the_input_folder(finished_run, tmp_
     base = [o for o in overrides if not o.startswith("stages=")] + ["stages=[predict]", f"predict.input_dir={images}"]
     with pytest.raises(StageError, match="inside predict.input_dir"):
         run(compose([*base, f"predict.output_dir={images / 'seg'}"], run_dir=run_dir))
+
+
+def test_the_run_folder_holds_one_folder_per_stage(finished_run):
+    run_dir, _ = finished_run
+    assert {p.name for p in run_dir.iterdir() if p.is_dir()} == set(ALL_STAGES)  # no stray trainer folders

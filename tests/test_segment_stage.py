@@ -159,3 +159,10 @@ def test_training_on_truth_reduces_the_loss():
     assert len(losses) == 40
     first, last = np.mean(losses[:4]), np.mean(losses[-4:])
     assert last < 0.5 * first, (first, last)
+
+
+def test_a_nonfinite_segmentation_loss_stops_training_naming_step_and_ids():
+    model = SegmentationModel(encoder_depth=3, decoder_channels=(16, 8, 4))
+    batch = {"id": ["x", "y"], "image": torch.full((2, 3, 32, 32), float("nan")), "mask": torch.zeros(2, 32, 32, dtype=bool)}
+    with pytest.raises(FloatingPointError, match=r"at step 0 for the batch \['x', 'y'\]"):
+        model.training_step(batch, 0)

@@ -187,7 +187,7 @@ def run_segment(ctx) -> dict:
             trainer.save_checkpoint(final)
             finish_loggers()  # one logger run per mask source
         if test is not None:
-            tester = ctx.trainer(f"segment-{source}", logger=False)
+            tester = ctx.trainer(f"segment-{source}", logger=False, default_root_dir=str(source_dir))
             scores = tester.test(model, ctx.datamodule.loader(test, batch_size=seg.batch_size), verbose=False)[0]
             rows[ROW_NAMES[source]] = {k.removeprefix("test/"): float(v) for k, v in scores.items()}
             figure_columns[source] = _predictions(model, test, seg.figure_samples)
