@@ -1,4 +1,4 @@
-"""Stage "segment" (METHOD.md, stage 4): the model's test metrics, the training data set, and that it learns."""
+"""Stage "segment" (docs/METHOD.md, stage 4): the model's test metrics, the training data set, and that it learns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage "finetune": concept-distillation fine-tuning of the diffusion UNet (METHOD.md, stage 2).
+"""Stage "finetune": concept-distillation fine-tuning of the diffusion UNet (docs/METHOD.md, stage 2).
 
 Each training sample gets one of two tasks by a seeded coin:
 - object task: the ordinary epsilon-prediction loss over the whole latent, captioned with the foreground

@@ -1,4 +1,4 @@
-"""Stage "inpaint": remove the object, then refine the mask (METHOD.md, stage 3), with trainer.predict.
+"""Stage "inpaint": remove the object, then refine the mask (docs/METHOD.md, stage 3), with trainer.predict.
 
 The fine-tuned model repaints each image's M_pre region with the background prompt (DDIM, latent blending:
 the known region is the image itself, re-noised to every step's level). The refined mask is the part of

@@ -1,4 +1,4 @@
-"""Stage "masks": preliminary masks from cross-attention (METHOD.md, stage 1), run with trainer.predict.
+"""Stage "masks": preliminary masks from cross-attention (docs/METHOD.md, stage 1), run with trainer.predict.
 
 For every image: encode it; for each timestep of the grid (T steps, from the T0-th down to the last) noise
 the clean latent afresh and run one conditional UNet pass with the foreground prompt while a capturing

@@ -1,4 +1,4 @@
-"""Stage "segment": train a segmentation U-Net on label-free masks and score it (METHOD.md, stage 4).
+"""Stage "segment": train a segmentation U-Net on label-free masks and score it (docs/METHOD.md, stage 4).
 
 One model per mask source, each trained for the same fixed budget with no tuning, as the paper does:
 `preliminary` (D, M_pre), `refined` (D, M), `refined+synthetic` (D, M) u D'_s, and `truth` (the supervised

@@ -1,4 +1,4 @@
-"""Stage "synthesize": a synthetic data set D'_s from the fine-tuned model (METHOD.md, stage 3.3).
+"""Stage "synthesize": a synthetic data set D'_s from the fine-tuned model (docs/METHOD.md, stage 3.3).
 
 Each sample: an image drawn with the foreground prompt (optionally with concept-distillation guidance,
 the background prompt as the unconditional branch), then the masks stage's attention mask and the inpaint
