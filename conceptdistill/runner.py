@@ -322,10 +322,11 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             finish_loggers()
         seconds = time.perf_counter() - started
         ctx._fingerprints.clear()  # e.g. `world` has just replaced the model that later stages read
-        write_json(
-            ctx.stage_dir(stage) / "DONE.json",
-            {"fingerprint": fingerprint, "seconds": round(seconds, 2), "summary": summary},
-        )
+        if not spec.always_run:  # an always-run stage is never skipped, and may write outside the run folder
+            write_json(
+                ctx.stage_dir(stage) / "DONE.json",
+                {"fingerprint": fingerprint, "seconds": round(seconds, 2), "summary": summary},
+            )
         ctx.summaries[stage] = summary
         log.info("stage %s: done in %.1f s %s", stage, seconds, _short(summary))
     return ctx.summaries

@@ -302,3 +302,14 @@ def test_predicted_masks_may_not_land_inside_the_input_folder(finished_run, tmp_
 def test_the_run_folder_holds_one_folder_per_stage(finished_run):
     run_dir, _ = finished_run
     assert {p.name for p in run_dir.iterdir() if p.is_dir()} == set(ALL_STAGES)  # no stray trainer folders
+
+
+def test_predicting_outside_then_inside_the_run_folder(finished_run, tmp_path):
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    images = write_images(tmp_path / "in", 0)
+    base = [o for o in overrides if not o.startswith("stages=")] + ["stages=[predict]", f"predict.input_dir={images}"]
+    run(compose([*base, f"predict.output_dir={tmp_path / 'out'}"], run_dir=run_dir))
+    assert not (run_dir / "predict").exists()  # nothing of it lands in the run folder
+    assert run(compose(base, run_dir=run_dir))["predict"]["images"] == 2  # then the default folder works

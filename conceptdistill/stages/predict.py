@@ -91,7 +91,8 @@ def run_predict(ctx) -> dict:
     store = ArtifactStore(output, {"mask": "mask"})
     todo = pending(dataset, store)
     if len(todo):
-        trainer = ctx.trainer("predict", callbacks=[OriginalSizeMaskWriter(store, sizes)], logger=False)
+        trainer = ctx.trainer("predict", callbacks=[OriginalSizeMaskWriter(store, sizes)], logger=False,
+                              default_root_dir=str(output))
         trainer.predict(model, images.loader(todo, batch_size=pr.batch_size), return_predictions=False)
     log.info("predicted %d masks into %s", len(store.ids("mask")), output / "mask")
     return {"images": len(store.ids("mask")), "skipped": dataset.skipped, "output": str(output / "mask"),
