@@ -32,7 +32,7 @@ demo: $(STAMP)  ## the whole method on the shapes world, on the CPU (rerun to re
 
 reproduce: $(STAMP)  ## rerun the recorded experiments and refresh experiments/<name>/
 	@for name in $(EXPERIMENTS); do \
-		$(RUN) +experiment=$$name hydra.run.dir=runs/reproduce/$$name logger=csv || exit 1; \
+		$(RUN) experiment=$$name hydra.run.dir=runs/reproduce/$$name logger=csv || exit 1; \
 		mkdir -p experiments/$$name && cp runs/reproduce/$$name/report/results.* runs/reproduce/$$name/report/*.png experiments/$$name/; \
 	done
 

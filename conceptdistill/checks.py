@@ -14,7 +14,7 @@ class SettingsError(ValueError):
 
 
 def check_timestep_grid(num_steps: int, start_step: int, train_timesteps: int | None = None) -> None:
-    """The masks stage's grid (T = masks.num_steps, T0 = masks.start_step): 1 <= T0 <= T, and T at most the
+    """The masks stage's grid (T = masks.module.num_steps, T0 = masks.module.start_step): 1 <= T0 <= T, and T at most the
     model's number of training timesteps when that is known.
 
     Raises:
@@ -22,10 +22,10 @@ def check_timestep_grid(num_steps: int, start_step: int, train_timesteps: int | 
     """
     if int(num_steps) < 1 or (train_timesteps is not None and int(num_steps) > train_timesteps):
         limit = f"1 to {train_timesteps} (the model's training timesteps)" if train_timesteps else "at least 1"
-        raise SettingsError(f"masks.num_steps={num_steps}: the sampler grid T needs {limit} steps (the paper: 50)")
+        raise SettingsError(f"masks.module.num_steps={num_steps}: the sampler grid T needs {limit} steps (the paper: 50)")
     if not 1 <= int(start_step) <= int(num_steps):
         raise SettingsError(
-            f"masks.start_step={start_step}: T0 must be between 1 and masks.num_steps={num_steps} (the paper: T0=40 "
+            f"masks.module.start_step={start_step}: T0 must be between 1 and masks.module.num_steps={num_steps} (the paper: T0=40 "
             "of T=50); it is how many of the grid's steps, counted from the end, are used"
         )
 
@@ -35,7 +35,7 @@ def check_grid_range(timesteps, train_timesteps: int, setting: str) -> None:
     steps with SD's steps_offset=1 reaches timestep 1000, one past the end of the noise schedule.)
 
     Raises:
-        SettingsError: naming `setting` (e.g. "inpaint.num_steps").
+        SettingsError: naming `setting` (e.g. "inpaint.module.num_steps").
     """
     values = [int(t) for t in timesteps]
     if values and (max(values) >= train_timesteps or min(values) < 0):
@@ -68,8 +68,8 @@ def check_settings(cfg: DictConfig) -> DictConfig:
         cfg.concept = concept_words(OmegaConf.to_object(cfg.concept) if OmegaConf.is_config(cfg.concept) else cfg.concept)
     stages = set(cfg.get("stages") or [])
     if "masks" in cfg and stages & {"masks", "synthesize"}:
-        check_timestep_grid(cfg.masks.num_steps, cfg.masks.start_step)
-    for key in ("inpaint.num_steps", "synthesize.num_steps", "finetune.sample_steps"):
+        check_timestep_grid(cfg.masks.module.num_steps, cfg.masks.module.start_step)
+    for key in ("inpaint.module.num_steps", "synthesize.module.num_steps", "finetune.sample_steps"):
         value = OmegaConf.select(cfg, key)
         if value is not None and int(value) < 1:
             raise SettingsError(f"{key}={value}: a sampler needs at least 1 step")

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from conceptdistill.figures import save_grid
 from conceptdistill.maskmath import resize_nearest, upsample_mask
 from conceptdistill.metrics import (
     add_counts,
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluation_split(ctx) -> str:
-    splits = list(ctx.cfg.masks.splits)
+    """The split the per-image stages are scored on: test if they process it, else the last one."""
+    splits = list(ctx.cfg.splits)
     return "test" if "test" in splits else splits[-1]
 
 
@@ -84,15 +86,12 @@ def sampled_pixels(
 
 def evaluate_mask_stage(ctx, module) -> dict:
     """Scores of A and M_pre, the two baselines, per-layer diagnostics and the figure (masks stage)."""
-    from conceptdistill.figures import save_grid
-    from conceptdistill.stages.masks import mask_store
-
     datamodule = ctx.datamodule
     if datamodule.truth is None:
         log.info("no ground truth in this data set: masks are written but not scored")
         return {}
     split = evaluation_split(ctx)
-    store = mask_store(ctx, split)
+    store = ctx.layout.mask_store(split)
     count = ctx.cfg.masks.figure_samples
     truth = truths_by_id(datamodule.dataset(split), images=max(count, 32))
     ids = [sid for sid in truth if store.has(sid)]
@@ -189,15 +188,11 @@ def log_results(ctx, stage: str, summary: dict, figures: dict | None = None) -> 
 
 def evaluate_inpaint_stage(ctx) -> dict:
     """Scores of the refined masks M on the evaluation split, and the image | M_pre | B | M | truth grid."""
-    from conceptdistill.figures import save_grid
-    from conceptdistill.stages.inpaint import inpaint_store
-    from conceptdistill.stages.masks import mask_store
-
     datamodule = ctx.datamodule
     if datamodule.truth is None:
         return {}
     split = evaluation_split(ctx)
-    refined, prelim = inpaint_store(ctx, split), mask_store(ctx, split)
+    refined, prelim = ctx.layout.inpaint_store(split), ctx.layout.mask_store(split)
     count = ctx.cfg.inpaint.figure_samples
     truth = truths_by_id(datamodule.dataset(split), images=count)
     ids = [sid for sid in truth if refined.has(sid)]

@@ -23,8 +23,11 @@ def compose(overrides: list[str] | None = None, run_dir: Path | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from conceptdistill.__main__ import normalise_overrides
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+        cfg = hydra_compose(config_name="config", overrides=normalise_overrides(list(overrides or [])),
+                            return_hydra_config=False)
     if run_dir is not None:
         from omegaconf import open_dict
 

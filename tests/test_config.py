@@ -32,10 +32,10 @@ def test_every_experiment_composes(experiment):
 
 
 def test_paper_experiments_use_the_papers_settings():
-    cfg = compose(["+experiment=cub_birds"], run_dir=Path("/tmp/unused"))
-    assert (cfg.masks.num_steps, cfg.masks.start_step) == (50, 40)
-    assert cfg.finetune.learning_rate == pytest.approx(1e-4)
-    assert (cfg.segment.image_size, cfg.segment.batch_size, cfg.segment.learning_rate) == (128, 32, 2e-3)
+    cfg = compose(["experiment=cub_birds"], run_dir=Path("/tmp/unused"))
+    assert (cfg.masks.module.num_steps, cfg.masks.module.start_step) == (50, 40)
+    assert cfg.finetune.module.learning_rate == pytest.approx(1e-4)
+    assert (cfg.segment.image_size, cfg.segment.batch_size, cfg.segment.module.learning_rate) == (128, 32, 2e-3)
     assert cfg.model.name == "sd14" and cfg.experiment == "cub_birds"
 
 
@@ -47,7 +47,8 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):
-    from conceptdistill.runner import StageError, run
+    from conceptdistill.pipeline.registry import StageError
+    from conceptdistill.runner import run
 
     cfg = compose(["stages=[mask]", "logger=none"], run_dir=tmp_path)
     with pytest.raises(StageError, match="unknown stage 'mask'"):
@@ -71,7 +72,7 @@ def test_slurm_launcher_config_composes():
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm", "+experiment=cub_birds"],
+        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm", "experiment=cub_birds"],
                             return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")

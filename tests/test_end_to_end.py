@@ -20,10 +20,11 @@ from conftest import CONF_DIR, REPO, compose
 from trees import make_cars, make_chest_xray, make_cub, make_dogs, make_h36m, write_image
 
 from conceptdistill.runner import run
-from conceptdistill.stages.report import ROWS
+from conceptdistill.stages.report import table_rows
 
 ALL_STAGES = ["masks", "finetune", "inpaint", "synthesize", "segment", "report"]
 WORK_STAGES = ALL_STAGES[:-1]
+ROWS = table_rows(compose())  # (key, label) of every results row, in the ladder's order
 ROW_NAMES = [key for key, _ in ROWS]
 #: the paper experiments (every experiment file but the shapes world and the shared "_" fragments)
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
@@ -41,18 +42,18 @@ DATA_ENV = ["CUB_ROOT", "CUB_SEGMENTATIONS_ROOT", "STANFORD_DOGS_ROOT", "STANFOR
 
 #: step budgets small enough for seconds on a CPU; every stage still runs its whole code path
 TINY_STEPS = [
-    "masks.num_steps=10", "masks.start_step=4",
+    "masks.module.num_steps=10", "masks.module.start_step=4",
     "finetune.max_steps=2", "finetune.sample_every=0", "finetune.sample_steps=2", "finetune.sample_count=2",
-    "inpaint.num_steps=3",
-    "synthesize.num_samples=4", "synthesize.num_steps=3",
+    "inpaint.module.num_steps=3",
+    "synthesize.num_samples=4", "synthesize.module.num_steps=3",
     "segment.max_steps=2", "segment.batch_size=4",
 ]
 #: what the paper experiments additionally need on a CPU with 32 px images
 TINY_PAPER = [
     "trainer=cpu", "model.dtype=float32", "model.batch_size=8",
     "data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.scan_workers=1",
-    "finetune.batch_size=4", "finetune.warmup_steps=0",
-    "segment.image_size=32", "segment.encoder_depth=3", "segment.decoder_channels=[16,8,4]",
+    "finetune.batch_size=4", "finetune.module.warmup_steps=0",
+    "segment.image_size=32", "segment.module.encoder_depth=3", "segment.module.decoder_channels=[16,8,4]",
 ]
 
 
@@ -146,7 +147,7 @@ def test_wandb_logger_writes_an_offline_run_in_the_run_folder(tmp_path, all_word
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     cfg = compose(["stages=[masks]", "logger=wandb", f"model.path={all_words_model}", "data.num_train=2",
-                   "data.num_test=4", "masks.splits=[test]", *TINY_STEPS], run_dir=run_dir)
+                   "data.num_test=4", "splits=[test]", *TINY_STEPS], run_dir=run_dir)
     run(cfg)
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1, list(run_dir.rglob("*"))[:20]

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conceptdistill.evaluation import evaluate_mask_stage, mask_scores, sampled_pixels
 from conceptdistill.maskmath import upsample_mask
 from conceptdistill.metrics import attention_auc, pooled_counts, scores_from_counts
-from conceptdistill.stages.masks import mask_store
+from conceptdistill.pipeline.layout import RunLayout
 from conceptdistill.utils.io import read_json, write_json
 
 
@@ -74,15 +74,16 @@ class _Masker:
 def test_mask_stage_scores_a_one_class_split_with_nan_auc(tmp_path, caplog, object_everywhere):
     # Truths all background (or all object): every map is already written, so scoring must finish.
     masks = [np.full((16, 16), object_everywhere) for _ in range(3)]
-    cfg = OmegaConf.create({"seed": 0, "masks": {"splits": ["train", "test"], "figure_samples": 2}})
+    cfg = OmegaConf.create({"seed": 0, "splits": ["train", "test"], "masks": {"figure_samples": 2}})
     ctx = SimpleNamespace(
         cfg=cfg,
         run_dir=tmp_path,
+        layout=RunLayout(tmp_path),
         datamodule=SimpleNamespace(truth=True, dataset=lambda split: _Split(masks)),
         stage_dir=lambda stage: tmp_path / stage,
         logger=lambda stage: None,
     )
-    store = mask_store(ctx, "test")
+    store = ctx.layout.mask_store("test")
     rng = np.random.default_rng(0)
     for index in range(len(masks)):
         store.save(f"test-{index:06d}", "attention", rng.random((8, 8)).astype(np.float32))

@@ -18,16 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from conceptdistill import runner
 from conceptdistill.data.base import collate_samples
+from conceptdistill.diffusion.adapters import LORA_WEIGHTS, load_finetuned
 from conceptdistill.diffusion.loading import load_diffusion_parts
 from conceptdistill.diffusion.tiny import build_tiny_parts
 from conceptdistill.maskmath import rectangle_rules_for
-from conceptdistill.stages.finetune import (
-    LORA_WEIGHTS,
-    ConceptDistillationFineTuner,
-    load_finetuned,
-    masked_mse,
-    save_finetuned,
-)
+from conceptdistill.modules.finetuner import ConceptDistillationFineTuner
+from conceptdistill.modules.text_to_image import masked_mse
 
 FOREGROUND = "a photo of a circle"
 BACKGROUND = "a photo of a background"
@@ -286,7 +282,7 @@ def test_saved_lora_loads_into_stock_pipeline_and_load_finetuned(tiny_model, tmp
         for name, parameter in module.unet.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    path = save_finetuned(module, tmp_path / "weights")
+    path = module.export(tmp_path / "weights")
     assert path == tmp_path / "weights" / LORA_WEIGHTS and path.exists()
     trained = unet_output(module.unet, module.parts)
 
@@ -341,7 +337,7 @@ def test_finetune_stage_through_runner(tiny_model, tmp_path):
 
     overrides = [
         "stages=[masks,finetune]", "logger=none", f"model.path={tiny_model}",
-        "data.num_train=8", "data.num_test=4", "masks.num_steps=10", "masks.start_step=4", "masks.batch_size=4",
+        "data.num_train=8", "data.num_test=4", "masks.module.num_steps=10", "masks.module.start_step=4", "masks.batch_size=4",
         "finetune.max_steps=3", "finetune.sample_every=0", "finetune.sample_steps=2", "finetune.batch_size=4",
         "finetune.sample_count=2",
     ]  # fmt: skip

@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 from conceptdistill.diffusion.sampling import ddim_scheduler, inpaint_latents
 from conceptdistill.diffusion.tiny import build_tiny_parts
 from conceptdistill.maskmath import upsample_mask
-from conceptdistill.stages.inpaint import BackgroundInpainter
+from conceptdistill.modules.inpainter import BackgroundInpainter
 from conceptdistill.utils.seeding import sample_generators
 
 BACKGROUND_PROMPT = "a photo of a background"
@@ -168,8 +168,8 @@ def test_inpainting_keeps_the_known_region() -> None:
 
 
 def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path, tiny_model) -> None:
+    from conceptdistill.pipeline.layout import INPAINT_OUTPUTS
     from conceptdistill.runner import run
-    from conceptdistill.stages.inpaint import OUTPUTS as INPAINT_OUTPUTS
     from conceptdistill.utils.io import load_mask_png
 
     cfg = compose(
@@ -179,12 +179,12 @@ def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path,
             "logger=none",
             "data.num_train=8",
             "data.num_test=4",
-            "masks.num_steps=10",
-            "masks.start_step=4",
+            "masks.module.num_steps=10",
+            "masks.module.start_step=4",
             "finetune.max_steps=2",
             "finetune.sample_every=0",
             "finetune.sample_steps=2",
-            "inpaint.num_steps=4",
+            "inpaint.module.num_steps=4",
         ],
         run_dir=tmp_path / "run",
     )
@@ -224,36 +224,38 @@ def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path,
 
 
 def _predict_into(ctx, module, store, dataset, batch_size: int) -> None:
-    from conceptdistill.stages.artifacts import SampleWriter
+    from conceptdistill.pipeline.artifacts import SampleWriter
 
     trainer = ctx.trainer("synthesize", callbacks=[SampleWriter(store)], logger=False, enable_progress_bar=False)
     trainer.predict(module, ctx.datamodule.loader(dataset, batch_size=batch_size), return_predictions=False)
 
 
 def test_synthetic_set_is_the_same_whatever_the_sharding(tmp_path, monkeypatch) -> None:
-    from conceptdistill.runner import RunContext
+    from conceptdistill.modules.synthesizer import SyntheticIds
+    from conceptdistill.pipeline.artifacts import ArtifactStore, pending
+    from conceptdistill.pipeline.context import RunContext
+    from conceptdistill.pipeline.layout import SYNTHETIC_OUTPUTS as OUTPUTS
     from conceptdistill.stages import synthesize
-    from conceptdistill.stages.artifacts import ArtifactStore, pending
-    from conceptdistill.stages.synthesize import OUTPUTS, SyntheticIds, build_generator, synthetic_store
+    from conceptdistill.stages.synthesize import build_generator
 
     cfg = compose(
         [
             "logger=none",
-            "masks.num_steps=10",
-            "masks.start_step=4",
-            "inpaint.num_steps=3",
-            "synthesize.num_steps=3",
+            "masks.module.num_steps=10",
+            "masks.module.start_step=4",
+            "inpaint.module.num_steps=3",
+            "synthesize.module.num_steps=3",
             "synthesize.num_samples=6",
             "synthesize.figure_samples=3",
         ],
         run_dir=tmp_path / "run",
     )
     ctx = RunContext(cfg)
-    assert cfg.synthesize.guidance_scale != 1.0  # the guided (batch-doubling) path is exercised
-    module = build_generator(ctx, build_tiny_parts())
+    assert cfg.synthesize.module.guidance_scale != 1.0  # the guided (batch-doubling) path is exercised
+    module = build_generator(ctx.cfg, build_tiny_parts())
     ids = SyntheticIds(6)
 
-    one_go = synthetic_store(ctx)  # where run_synthesize looks
+    one_go = ctx.layout.synthetic_store()  # where run_synthesize looks
     _predict_into(ctx, module, one_go, ids, batch_size=3)  # one device: batches [0, 1, 2], [3, 4, 5]
     # Two devices as a distributed sampler deals them out: each sample meets other batch-mates. (The
     # per-device batch size stays the same: floating-point kernels may round differently at other batch

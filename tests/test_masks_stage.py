@@ -19,8 +19,9 @@ from conftest import REPO, compose
 from PIL import Image
 
 from conceptdistill import runner
-from conceptdistill.stages.artifacts import ArtifactStore
-from conceptdistill.stages.masks import OUTPUTS, attention_timesteps
+from conceptdistill.modules.masker import attention_timesteps
+from conceptdistill.pipeline.artifacts import ArtifactStore
+from conceptdistill.pipeline.layout import MASK_OUTPUTS as OUTPUTS
 from conceptdistill.utils.io import read_json
 
 SPLITS = {"train": 8, "test": 4}
@@ -31,7 +32,7 @@ def mask_overrides(model: Path, batch_size: int = 4) -> list[str]:
     return [
         "stages=[masks]", "logger=none", f"model.path={model}",
         f"data.num_train={SPLITS['train']}", f"data.num_test={SPLITS['test']}",
-        "masks.num_steps=10", "masks.start_step=4", f"masks.batch_size={batch_size}",
+        "masks.module.num_steps=10", "masks.module.start_step=4", f"masks.batch_size={batch_size}",
     ]  # fmt: skip
 
 
@@ -157,7 +158,7 @@ def test_complete_stage_is_skipped_and_changed_settings_move_it_aside(masks_run,
     assert (run_dir / "masks" / "DONE.json").read_bytes() == done_before
 
     # Another masks setting: the stage runs again from nothing; the old outputs are moved aside, intact.
-    changed = runner.run(compose(overrides + ["masks.filter_size=5"], run_dir=run_dir))
+    changed = runner.run(compose(overrides + ["masks.module.filter_size=5"], run_dir=run_dir))
     stale = sorted(run_dir.glob("masks.stale-*"))
     assert len(stale) == 1
     moved = {

@@ -14,6 +14,7 @@ from conftest import compose
 from test_end_to_end import ALL_STAGES, TINY_STEPS
 
 from conceptdistill.checks import SettingsError
+from conceptdistill.diffusion.adapters import NonFiniteLossError
 from conceptdistill.diffusion.loading import (
     ModelNotFoundError,
     UnsupportedModelError,
@@ -21,9 +22,9 @@ from conceptdistill.diffusion.loading import (
     save_diffusion_parts,
 )
 from conceptdistill.diffusion.tiny import build_tiny_parts
+from conceptdistill.modules.finetuner import ConceptDistillationFineTuner
+from conceptdistill.modules.masker import AttentionMaskGenerator
 from conceptdistill.runner import run
-from conceptdistill.stages.finetune import ConceptDistillationFineTuner, NonFiniteLossError
-from conceptdistill.stages.masks import AttentionMaskGenerator
 
 SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler")
 
@@ -210,7 +211,7 @@ def test_a_nonfinite_loss_stops_finetuning_with_step_and_ids_and_keeps_the_last_
 
 
 def test_the_writer_never_writes_nonfinite_outputs(tmp_path):
-    from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
+    from conceptdistill.pipeline.artifacts import ArtifactStore, SampleWriter, pending
 
     store = ArtifactStore(tmp_path, {"attention": "array", "mask": "mask"})
     good, bad = np.ones((4, 4)), np.full((4, 4), np.nan)
@@ -238,11 +239,11 @@ def test_float16_models_keep_the_vae_in_float32_where_its_config_asks(tmp_path, 
 
 # ----- 5. settings checked before any work ------------------------------------------------------------------
 @pytest.mark.parametrize(("overrides", "named"), [
-    (["masks.num_steps=1000", "masks.start_step=1000"], "masks.num_steps=1000"),  # was an IndexError
-    (["masks.start_step=0"], "masks.start_step=0"),  # was "no attention captured yet"
-    (["masks.num_steps=10", "masks.start_step=20"], "masks.start_step=20"),  # ran silently with 10 steps
-    (["masks.num_steps=2000", "masks.start_step=40"], "masks.num_steps=2000"),
-    (["inpaint.num_steps=0"], "inpaint.num_steps=0"),
+    (["masks.module.num_steps=1000", "masks.module.start_step=1000"], "masks.module.num_steps=1000"),  # was an IndexError
+    (["masks.module.start_step=0"], "masks.module.start_step=0"),  # was "no attention captured yet"
+    (["masks.module.num_steps=10", "masks.module.start_step=20"], "masks.module.start_step=20"),  # ran silently with 10 steps
+    (["masks.module.num_steps=2000", "masks.module.start_step=40"], "masks.module.num_steps=2000"),
+    (["inpaint.module.num_steps=0"], "inpaint.module.num_steps=0"),
 ])
 def test_timestep_grid_settings_are_refused_before_any_work(tmp_path, overrides, named):
     with pytest.raises(SettingsError, match=named.replace(".", r"\.")):

@@ -21,14 +21,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_end_to_end import ALL_STAGES, TINY_STEPS
 
-from conceptdistill.runner import RunContext, StageError, run
+from conceptdistill.pipeline.context import RunContext
+from conceptdistill.pipeline.registry import StageError
+from conceptdistill.runner import run
 
 WORK = ["masks", "finetune", "inpaint", "synthesize", "segment"]
 #: a setting of a stage's section invalidates that stage and everything downstream of it
 DOWNSTREAM = {"masks": WORK, "finetune": WORK[1:], "inpaint": WORK[2:], "synthesize": WORK[3:], "segment": WORK[4:]}
 #: settings that cannot change any result (written out here, independently of the registry's list)
 NO_EFFECT = {"masks.batch_size", "masks.figure_samples", "inpaint.batch_size", "inpaint.figure_samples",
-             "synthesize.batch_size", "synthesize.figure_samples", "segment.num_workers", "segment.figure_samples",
+             "synthesize.batch_size", "synthesize.figure_samples", "segment.figure_samples",
              "segment.checkpoint_every", "finetune.sample_every", "finetune.sample_count", "finetune.sample_steps",
              "finetune.checkpoint_every"}
 
@@ -78,14 +80,25 @@ def changed_value(value):
     return 1  # None
 
 
+def leaves(section: dict, prefix: str):
+    """(dotted key, value) of every setting of a config section, `module` hyper-parameters included (less the
+    `_target_` / `_partial_` keys that name the class)."""
+    for key, value in section.items():
+        if key.startswith("_"):
+            continue
+        if key == "module":
+            yield from leaves(value, f"{prefix}.module")
+        else:
+            yield f"{prefix}.{key}", value
+
+
 def test_each_setting_invalidates_exactly_its_stage_and_those_downstream(finished_run):
     run_dir, overrides = finished_run
     assert stale_stages(run_dir, overrides) == []
     cfg = OmegaConf.to_container(compose(overrides, run_dir=run_dir), resolve=True)
     checked = 0
     for section, expected in DOWNSTREAM.items():
-        for key, value in cfg[section].items():
-            name = f"{section}.{key}"
+        for name, value in leaves(cfg[section], section):
             if name == "segment.sources":
                 continue  # changes which stages segment reads; checked below
             override = f"{name}={json.dumps(changed_value(value))}"
@@ -95,7 +108,7 @@ def test_each_setting_invalidates_exactly_its_stage_and_those_downstream(finishe
     for override, expected in [
         ("seed=1", WORK), ("data.num_train=9", WORK), ("data.image_size=48", WORK), ("concept=[square]", WORK),
         ("prompts.background='a photo of the background'", WORK[1:]), ("trainer.precision=bf16-mixed", WORK),
-        ("segment.sources=[preliminary]", ["segment"]),
+        ("segment.sources=[preliminary]", ["segment"]), ("splits=[test]", WORK),
         ("model.batch_size=5", []), ("data.batch_size=3", []), ("data.num_workers=1", []), ("logger=csv", []),
     ]:
         assert stale_stages(run_dir, [*overrides, override]) == expected, override
@@ -106,7 +119,7 @@ def test_changing_an_inpaint_setting_recomputes_the_synthetic_masks(finished_run
     run_dir = tmp_path / "run"
     shutil.copytree(original, run_dir)
     before = {p.name: p.read_bytes() for p in (run_dir / "synthesize" / "samples" / "mask").glob("*.png")}
-    run(compose([*overrides, "inpaint.filter_size=5", "inpaint.close_holes=true"], run_dir=run_dir))
+    run(compose([*overrides, "inpaint.module.filter_size=5", "inpaint.module.close_holes=true"], run_dir=run_dir))
     assert len(list(run_dir.glob("synthesize.stale-*"))) == 1 and len(list(run_dir.glob("masks.stale-*"))) == 0
     after = {p.name: p.read_bytes() for p in (run_dir / "synthesize" / "samples" / "mask").glob("*.png")}
     assert set(after) == set(before)
@@ -129,7 +142,7 @@ def test_a_stage_refuses_inputs_made_with_other_settings(finished_run, tmp_path)
     original, overrides = finished_run
     run_dir = tmp_path / "run"
     shutil.copytree(original, run_dir)
-    changed = [o for o in overrides if not o.startswith("stages=")] + ["masks.filter_size=5", "stages=[finetune]"]
+    changed = [o for o in overrides if not o.startswith("stages=")] + ["masks.module.filter_size=5", "stages=[finetune]"]
     with pytest.raises(StageError, match=r"reads the outputs of stage masks, which was made with other settings"):
         run(compose(changed, run_dir=run_dir))
 
@@ -138,12 +151,12 @@ def test_a_stage_sees_only_the_settings_it_declares(finished_run):
     run_dir, overrides = finished_run
     ctx = RunContext(compose(overrides, run_dir=run_dir))
     view = ctx.view("masks")
-    assert view.masks.num_steps == 10 and view.prompts.foreground
+    assert view.masks.module.num_steps == 10 and view.prompts.foreground
     with pytest.raises(Exception, match="inpaint"):
         view.inpaint  # noqa: B018
     with pytest.raises(Exception, match="background"):
         view.prompts.background  # noqa: B018
-    assert ctx.view("synthesize").inpaint.filter_size == 3  # synthesize runs the inpaint logic: it declares it
+    assert ctx.view("synthesize").inpaint.module.filter_size == 3  # synthesize runs the inpaint logic: it declares it
 
 
 # ----- predicted masks outside the run folder -----------------------------------------------------------------
@@ -231,7 +244,6 @@ def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(fi
 def test_world_training_interrupted_after_a_checkpoint_resumes_to_the_same_model(tmp_path, monkeypatch):
     from pytorch_lightning.callbacks import Callback
 
-    from conceptdistill import runner
 
     class Crash(RuntimeError):
         pass
@@ -242,7 +254,7 @@ def test_world_training_interrupted_after_a_checkpoint_resumes_to_the_same_model
                 raise Crash("simulated power cut")
 
     overrides = ["stages=[world]", "logger=none", "data.num_train=8", "data.num_test=4", "world.num_images=64",
-                 "world.max_steps=5", "world.checkpoint_every=2", "world.batch_size=8", "world.warmup_steps=2",
+                 "world.max_steps=5", "world.checkpoint_every=2", "world.batch_size=8", "world.module.warmup_steps=2",
                  "world.architecture.block_out_channels=[16,16,16]", "world.fidelity.num_samples=4",
                  "world.fidelity.num_background_samples=2", "world.fidelity.steps=2",
                  "world.fidelity.classifier_images=64", "world.fidelity.classifier_epochs=1"]
@@ -255,7 +267,7 @@ def test_world_training_interrupted_after_a_checkpoint_resumes_to_the_same_model
         return trainer(self, stage, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(runner.RunContext, "trainer", crashing)
+        patch.setattr(RunContext, "trainer", crashing)
         with pytest.raises(Crash):
             run(compose(overrides, run_dir=tmp_path / "resumed"))
     assert torch.load(tmp_path / "resumed/world/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
@@ -285,7 +297,7 @@ def test_the_report_never_mixes_results_of_different_settings(finished_run, tmp_
     run_dir = tmp_path / "run"
     shutil.copytree(original, run_dir)
     base = [o for o in overrides if not o.startswith("stages=")]
-    run(compose([*base, "masks.filter_size=5", "stages=[masks,report]"], run_dir=run_dir))
+    run(compose([*base, "masks.module.filter_size=5", "stages=[masks,report]"], run_dir=run_dir))
     rows = json.loads((run_dir / "report" / "results.json").read_text())["rows"]
     assert "preliminary_masks" in rows
     assert not {"refined_masks", "unet_refined", "unet_truth"} & set(rows)  # made downstream of the old masks

@@ -11,7 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conceptdistill.data.base import collate_samples
-from conceptdistill.stages.segment import MaskedImages, SegmentationModel, training_set
+from conceptdistill.data.masked import MaskedImages
+from conceptdistill.modules.segmenter import SegmentationModel
+from conceptdistill.stages.segment import training_set
 
 TINY = {"encoder_depth": 3, "decoder_channels": (16, 8, 4)}
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -123,7 +125,7 @@ def test_no_augment_resizes_and_latent_masks_are_upsampled():
 
 
 def test_synthetic_images_come_from_the_image_store():
-    from conceptdistill.stages.synthesize import SyntheticIds
+    from conceptdistill.modules.synthesizer import SyntheticIds
 
     pictures = {f"synth-{i:06d}": np.full((32, 32, 3), i / 4, np.float32) for i in range(3)}
     masks = {sid: np.eye(32, dtype=bool) for sid in pictures}
@@ -141,7 +143,7 @@ def test_synthetic_images_come_from_the_image_store():
 
 # ------------------------------------------------------------------------------------------- training
 def test_training_on_truth_reduces_the_loss():
-    from conceptdistill.stages.finetune import LossHistory
+    from conceptdistill.modules.callbacks import LossHistory
     from conceptdistill.world.datamodule import ShapesWorldDataModule
 
     datamodule = ShapesWorldDataModule(image_size=32, concept="circle", num_train=32, num_val=1, num_test=1,

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 #: a 16-32-32 UNet, two training steps, a judge trained for one epoch on 32 images, 8 two-step samples
 TINY_WORLD = [
     "stages=[world]", "logger=none", "world.num_images=16", "world.batch_size=8", "world.max_steps=2",
-    "world.warmup_steps=0", "world.checkpoint_every=1000", "world.architecture.block_out_channels=[16,32,32]",
+    "world.module.warmup_steps=0", "world.checkpoint_every=1000", "world.architecture.block_out_channels=[16,32,32]",
     "world.architecture.text_dim=16", "world.architecture.attention_heads=2", "world.fidelity.num_samples=6",
     "world.fidelity.num_background_samples=2", "world.fidelity.steps=2", "world.fidelity.classifier_images=32",
     "world.fidelity.classifier_epochs=1",

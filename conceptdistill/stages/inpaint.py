@@ -1,100 +1,32 @@
 """Stage "inpaint": remove the object, then refine the mask (docs/METHOD.md, stage 3), with trainer.predict.
 
-The fine-tuned model repaints each image's M_pre region with the background prompt (DDIM, latent blending:
-the known region is the image itself, re-noised to every step's level). The refined mask is the part of
-M_pre where the image differs from its background: M = up(M_pre) AND threshold(mean_rgb |x - B|).
+Runs the inpainter (modules/inpainter.py, config `inpaint.module`) with the fine-tuned model over every image
+that has an M_pre, writes its background B and refined mask M (pipeline/layout.py), and scores M.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import pytorch_lightning as pl
-import torch
+from hydra.utils import instantiate
 
-from conceptdistill.diffusion.loading import register_parts
-from conceptdistill.diffusion.sampling import ddim_scheduler, inpaint_latents
-from conceptdistill.maskmath import refine_mask, upsample_mask
-from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, WithArtifacts, pending
-from conceptdistill.stages.registry import PREDICTION_HARDWARE, register_stage
-from conceptdistill.utils.seeding import sample_generators
-
-OUTPUTS = {"background": "image", "mask": "mask"}
-
-
-class BackgroundInpainter(pl.LightningModule):
-    """predict_step: images + M_pre -> per image the background B and the refined mask M."""
-
-    def __init__(
-        self, parts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str = "",
-        filter_size: int = 3, close_holes: bool = False, closing_size: int = 3, seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.parts = parts
-        register_parts(self, parts)
-        self.prompt, self.num_steps, self.guidance_scale = prompt, num_steps, guidance_scale
-        self.negative_prompt = negative_prompt
-        self.filter_size, self.close_holes, self.closing_size, self.seed = filter_size, close_holes, closing_size, seed
-        ddim_scheduler(parts, num_steps, "inpaint.num_steps")  # a grid that cannot work fails before any image
-
-    @torch.no_grad()
-    def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:
-        """Inpaint the M_pre region of each image; returns backgrounds (B, 3, H, W) in [0, 1]."""
-        latents = self.parts.encode_images(images.to(self.device))
-        unknown = prelim_masks.to(self.device, latents.dtype)[:, None]
-        painted = inpaint_latents(
-            self.parts, latents, unknown, [self.prompt] * len(ids), sample_generators(self.seed, ids, "inpaint"),
-            steps=self.num_steps, guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt,
-        )
-        return self.parts.decode_latents(painted).float()
-
-    def refine(self, image: np.ndarray, background: np.ndarray, prelim_mask: np.ndarray) -> np.ndarray:
-        """Refined mask of one image; arrays are (H, W, 3) images and the (h, w) latent-resolution M_pre."""
-        return refine_mask(
-            upsample_mask(prelim_mask, image.shape[:2]), image, background, filter_size=self.filter_size,
-            seed=self.seed, close_holes=self.close_holes, closing_size=self.closing_size,
-        )
-
-    def inpaint_and_refine(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> list[dict]:
-        backgrounds = self.backgrounds(images, prelim_masks, ids).cpu().numpy().transpose(0, 2, 3, 1)
-        pictures = images.float().cpu().numpy().transpose(0, 2, 3, 1)
-        prelims = prelim_masks.cpu().numpy().astype(bool)
-        return [
-            {"id": sid, "background": bg, "mask": self.refine(x, bg, m)}
-            for sid, x, bg, m in zip(ids, pictures, backgrounds, prelims, strict=True)
-        ]
-
-    def predict_step(self, batch: dict, batch_index: int = 0) -> list[dict]:
-        return self.inpaint_and_refine(batch["image"], batch["prelim_mask"], batch["id"])
-
-
-def inpaint_store(ctx, split: str) -> ArtifactStore:
-    return ArtifactStore(ctx.run_dir / "inpaint" / split, OUTPUTS)
-
-
-def build_inpainter(ctx, parts) -> BackgroundInpainter:
-    ip = ctx.cfg.inpaint
-    negative = ctx.cfg.prompts.foreground if ip.negative_prompt == "foreground" else str(ip.negative_prompt or "")
-    return BackgroundInpainter(
-        parts, prompt=ctx.cfg.prompts.background, num_steps=ip.num_steps, guidance_scale=ip.guidance_scale,
-        negative_prompt=negative, filter_size=ip.filter_size, close_holes=ip.close_holes, closing_size=ip.closing_size, seed=ctx.cfg.seed,
-    )
+from conceptdistill.evaluation import evaluate_inpaint_stage
+from conceptdistill.pipeline.artifacts import SampleWriter, WithArtifacts, pending, split_counts
+from conceptdistill.pipeline.context import RunContext
+from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
 
 @register_stage(
     "inpaint", inputs=("finetune", "masks"), uses_model=True,
-    settings=("seed", "prompts", "model", "data", "inpaint", "masks.splits", *PREDICTION_HARDWARE),
+    settings=("seed", "prompts", "model", "data", "splits", "inpaint", *PREDICTION_HARDWARE),
+    rows={"refined_masks": "refined masks M"},
+    figures={"inpaint_grid.png": "inpaint_grid.png"},
 )
-def run_inpaint(ctx) -> dict:
-    from conceptdistill.evaluation import evaluate_inpaint_stage
-    from conceptdistill.stages.artifacts import split_counts
-    from conceptdistill.stages.masks import mask_store
-
+def run_inpaint(ctx: RunContext) -> dict:
     cfg = ctx.cfg
-    module = build_inpainter(ctx, ctx.load_parts(finetuned=True))
+    module = instantiate(cfg.inpaint.module, _convert_="all")(ctx.load_parts(finetuned=True))
     summary: dict = {}
-    for split in cfg.masks.splits:
-        store = inpaint_store(ctx, split)
-        dataset = WithArtifacts(ctx.datamodule.dataset(split), {"prelim_mask": (mask_store(ctx, split), "mask")})
+    for split in cfg.splits:
+        store = ctx.layout.inpaint_store(split)
+        dataset = WithArtifacts(ctx.datamodule.dataset(split), {"prelim_mask": (ctx.layout.mask_store(split), "mask")})
         todo = pending(dataset, store)
         if len(todo):
             trainer = ctx.trainer("inpaint", callbacks=[SampleWriter(store)], logger=False)

@@ -1,144 +1,40 @@
-"""Stage "masks": preliminary masks from cross-attention (docs/METHOD.md, stage 1), run with trainer.predict.
+"""Stage "masks": preliminary masks M_pre from cross-attention (docs/METHOD.md, stage 1), with trainer.predict.
 
-For every image: encode it; for each timestep of the grid (T steps, from the T0-th down to the last) noise
-the clean latent afresh and run one conditional UNet pass with the foreground prompt while a capturing
-processor averages the concept token(s)' cross-attention over heads, layers and steps into one map A.
-A GMM-midpoint threshold and a majority filter turn A into the mask M_pre (latent resolution).
+Runs the masker (modules/masker.py, config `masks.module`) over every image of the configured splits, writes
+A and M_pre per image (pipeline/layout.py), and scores them where the data set has ground truth.
 """
 
 from __future__ import annotations
 
-import logging
+from hydra.utils import instantiate
 
-import numpy as np
-import pytorch_lightning as pl
-import torch
-
-from conceptdistill.checks import check_grid_range, check_timestep_grid
-from conceptdistill.diffusion.attention import AttentionStore, capture_cross_attention
-from conceptdistill.diffusion.loading import register_parts
-from conceptdistill.diffusion.tokenizer import concept_token_indices
-from conceptdistill.maskmath import binarize_map, close_and_fill_holes
-from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending, split_counts
-from conceptdistill.stages.registry import PREDICTION_HARDWARE, register_stage
-from conceptdistill.utils.seeding import randn_per_sample, sample_generators
-
-log = logging.getLogger(__name__)
-
-OUTPUTS = {"attention": "array", "mask": "mask"}
-#: why an image has no M_pre: a NaN/inf latent (e.g. a float16 VAE overflow) makes every map of it NaN
-NONFINITE_MAP = "non-finite attention map (its latent or the UNet's activations are NaN or inf)"
-
-
-def attention_timesteps(scheduler, num_steps: int = 50, start_step: int = 40) -> torch.Tensor:
-    """The timesteps at which attention is read: the last `start_step` of a `num_steps` DDIM grid.
-
-    For SD's 1000-step schedule (steps_offset 1) and T=50, T0=40 this is 781, 761, ..., 1.
-
-    Raises:
-        ValueError: naming `masks.num_steps` / `masks.start_step` unless 1 <= start_step <= num_steps <=
-            the model's number of training timesteps.
-    """
-    from diffusers import DDIMScheduler
-
-    total = int(scheduler.config.num_train_timesteps)
-    check_timestep_grid(num_steps, start_step, total)
-    grid = DDIMScheduler.from_config(scheduler.config)
-    grid.set_timesteps(num_steps)
-    check_grid_range(grid.timesteps, total, "masks.num_steps")
-    return grid.timesteps[num_steps - start_step :].clone()
-
-
-class AttentionMaskGenerator(pl.LightningModule):
-    """predict_step: a batch of images -> per image the attention map A and the mask M_pre."""
-
-    def __init__(
-        self, parts, *, prompt: str, concept: list[str], num_steps: int = 50, start_step: int = 40,
-        layers: list[str] | None = None, filter_size: int = 3, polarity: str = "high", fill_holes: bool = False,
-        closing_size: int = 3, seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.parts = parts
-        register_parts(self, parts)
-        self.prompt = prompt
-        self.token_indices = concept_token_indices(parts.tokenizer, prompt, concept)
-        self.timesteps = attention_timesteps(parts.scheduler, num_steps, start_step)
-        self.layers = list(layers) if layers else None
-        self.filter_size = filter_size
-        self.polarity = polarity
-        self.fill_holes, self.closing_size = fill_holes, closing_size
-        self.seed = seed
-
-    @torch.no_grad()
-    def attention_maps(
-        self, images: torch.Tensor, ids: list[str], *, per_layer: bool = False
-    ) -> tuple[torch.Tensor, AttentionStore]:
-        """A for each image (B, h, w) at latent resolution, and the store (with `per_layer`, it also keeps
-        each layer's own mean, for diagnostics)."""
-        latents = self.parts.encode_images(images.to(self.device))
-        text = self.parts.encode_prompts([self.prompt] * len(ids))
-        store = AttentionStore(self.token_indices, tuple(latents.shape[-2:]), layers=self.layers, per_layer=per_layer)
-        generators = sample_generators(self.seed, ids, "masks")
-        with capture_cross_attention(self.parts.unet, store):
-            for t in self.timesteps:
-                # a fresh noise draw per step and sample; the UNet's prediction itself is not needed
-                noise = randn_per_sample(generators, tuple(latents.shape[1:]), device=self.device, dtype=latents.dtype)
-                timestep = t.to(self.device).expand(len(ids))
-                noisy = self.parts.add_noise(latents, noise, timestep)  # the VP forward process, any scheduler class
-                if self.parts.unet_in_channels > latents.shape[1]:
-                    ones = torch.ones_like(latents[:, :1])
-                    noisy = torch.cat([noisy, ones, torch.zeros_like(latents)], dim=1)
-                self.parts.unet(noisy, timestep, encoder_hidden_states=text)
-        return store.mean().float(), store
-
-    def binarize(self, attention: np.ndarray) -> np.ndarray:
-        """M_pre of one map: GMM-midpoint threshold and majority filter (empty, with a warning, if degenerate),
-        then optionally closing + hole filling (a map that lights up an object's outline gives a ring)."""
-        mask = binarize_map(attention, filter_size=self.filter_size, seed=self.seed, polarity=self.polarity)[0]
-        return close_and_fill_holes(mask, self.closing_size) if self.fill_holes else mask
-
-    def predict_step(self, batch: dict, batch_index: int = 0) -> list[dict]:
-        maps, _ = self.attention_maps(batch["image"], batch["id"])
-        return [
-            {"id": sample_id, "attention": attention, "mask": self.binarize(attention)} if np.isfinite(attention).all()
-            else {"id": sample_id, "skipped": NONFINITE_MAP}
-            for sample_id, attention in zip(batch["id"], maps.cpu().numpy(), strict=True)
-        ]
-
-
-def build_masker(ctx, parts) -> AttentionMaskGenerator:
-    cfg = ctx.cfg
-    return AttentionMaskGenerator(
-        parts, prompt=cfg.prompts.foreground, concept=list(cfg.concept), num_steps=cfg.masks.num_steps,
-        start_step=cfg.masks.start_step, layers=cfg.masks.layers, filter_size=cfg.masks.filter_size,
-        polarity=cfg.masks.polarity, fill_holes=cfg.masks.fill_holes, closing_size=cfg.masks.closing_size,
-        seed=cfg.seed,
-    )
-
-
-def mask_store(ctx, split: str) -> ArtifactStore:
-    return ArtifactStore(ctx.run_dir / "masks" / split, OUTPUTS)
+from conceptdistill.evaluation import evaluate_mask_stage
+from conceptdistill.pipeline.artifacts import SampleWriter, pending, split_counts
+from conceptdistill.pipeline.context import RunContext
+from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
 
 @register_stage(
     "masks", uses_model=True,
-    settings=("seed", "concept", "prompts.foreground", "model", "data", "masks", *PREDICTION_HARDWARE),
+    settings=("seed", "concept", "prompts.foreground", "model", "data", "splits", "masks", *PREDICTION_HARDWARE),
+    rows={"baseline_all_foreground": "baseline: all foreground", "baseline_centre_box": "baseline: best centred square",
+          "preliminary_masks": "preliminary masks M_pre"},
+    figures={"masks_grid.png": "masks_grid.png"},
 )
-def run_masks(ctx) -> dict:
-    from conceptdistill.evaluation import evaluate_mask_stage
-
+def run_masks(ctx: RunContext) -> dict:
     cfg = ctx.cfg
-    module = build_masker(ctx, ctx.load_parts())
+    module = instantiate(cfg.masks.module, _convert_="all")(ctx.load_parts())
     summary: dict = {}
-    for split in cfg.masks.splits:
-        store = mask_store(ctx, split)
+    for split in cfg.splits:
+        store = ctx.layout.mask_store(split)
         todo = pending(ctx.datamodule.dataset(split), store)
         if len(todo):
             loader = ctx.datamodule.loader(todo, batch_size=cfg.masks.batch_size)
             trainer = ctx.trainer("masks", callbacks=[SampleWriter(store)], logger=False)
             trainer.predict(module, loader, return_predictions=False)
         summary[split] = split_counts(store)
-    if hasattr(ctx.datamodule, "stats"):  # real data: per split, images kept / skipped as unreadable / converted
-        summary["data"] = ctx.datamodule.stats()
+    data_stats = ctx.datamodule.stats()  # real data: per split, images kept / skipped as unreadable / converted
+    if data_stats:
+        summary["data"] = data_stats
     summary.update(evaluate_mask_stage(ctx, module))
     return summary

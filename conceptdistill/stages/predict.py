@@ -18,10 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from conceptdistill.data.images import image_size
+from conceptdistill.data.readers import ImageFolderDataModule
 from conceptdistill.maskmath import upsample_mask
-from conceptdistill.runner import open_output_folder, result_settings
-from conceptdistill.stages.artifacts import ArtifactStore, SampleWriter, pending
-from conceptdistill.stages.registry import StageError, register_stage
+from conceptdistill.modules.segmenter import SegmentationModel
+from conceptdistill.pipeline.artifacts import ArtifactStore, SampleWriter, pending
+from conceptdistill.pipeline.config import result_settings
+from conceptdistill.pipeline.context import RunContext
+from conceptdistill.pipeline.layout import open_output_folder
+from conceptdistill.pipeline.registry import StageError, register_stage
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ class OriginalSizeMaskWriter(SampleWriter):
             self.store.save(sample["id"], "mask", mask)
 
 
-def prediction_fingerprint(ctx, checkpoint: Path, records) -> str:
+def prediction_fingerprint(ctx: RunContext, checkpoint: Path, records) -> str:
     """Hash of what makes a folder of predicted masks: the checkpoint's content, the settings, and each input
     image's path, size and modification time."""
     digest = hashlib.sha256()
@@ -53,19 +58,15 @@ def prediction_fingerprint(ctx, checkpoint: Path, records) -> str:
     return digest.hexdigest()[:16]
 
 
-def checkpoint_path(ctx) -> Path:
+def checkpoint_path(ctx: RunContext) -> Path:
     pr = ctx.cfg.predict
     if pr.checkpoint:
         return Path(pr.checkpoint).expanduser()
-    return ctx.run_dir / "segment" / str(pr.source).replace("+", "_") / "final.ckpt"
+    return ctx.layout.segmenter_checkpoint(str(pr.source))
 
 
 @register_stage("predict", settings=("predict", "segment.image_size"), always_run=True, reads_data=False)
-def run_predict(ctx) -> dict:
-    from conceptdistill.data.images import image_size
-    from conceptdistill.data.readers import ImageFolderDataModule
-    from conceptdistill.stages.segment import SegmentationModel
-
+def run_predict(ctx: RunContext) -> dict:
     pr = ctx.cfg.predict
     if not pr.input_dir:
         raise ValueError("stage predict needs predict.input_dir=/folder/of/images")

@@ -1,7 +1,8 @@
 """Stage "report": results.json and results.md from whatever the run's stages have produced.
 
 The table is the paper's ladder (M_pre, M, U-Net on each mask source, supervised U-Net) beside the
-baselines; a row a stage has not produced is absent, never zero. Figures are collected from the stages.
+baselines; a row a stage has not produced is absent, never zero. Rows and figures are those the stages
+declare (pipeline/registry.py), in the pipeline's order.
 """
 
 from __future__ import annotations
@@ -12,29 +13,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conceptdistill.runner import command_line
-from conceptdistill.stages.registry import register_stage
-from conceptdistill.utils.io import write_json
+from conceptdistill.pipeline.context import RunContext, command_line
+from conceptdistill.pipeline.registry import pipeline_order, register_stage, stage_spec
+from conceptdistill.utils.io import read_json, write_json
 
 log = logging.getLogger(__name__)
-
-#: (key in results.json, label in results.md), in the ladder's order
-ROWS = [
-    ("baseline_all_foreground", "baseline: all foreground"),
-    ("baseline_centre_box", "baseline: best centred square"),
-    ("preliminary_masks", "preliminary masks M_pre"),
-    ("refined_masks", "refined masks M"),
-    ("unet_preliminary", "U-Net on (D, M_pre)"),
-    ("unet_refined", "U-Net on (D, M)"),
-    ("unet_refined_synthetic", "U-Net on (D, M) u D'_s"),
-    ("unet_truth", "supervised U-Net (upper bound)"),
-]
-STAGES = ("world", "masks", "finetune", "inpaint", "synthesize", "segment")
-#: figure name in the report -> where a stage left it (a glob: the last match in sorted order is taken)
-FIGURES = {"masks_grid.png": "masks/masks_grid.png", "inpaint_grid.png": "inpaint/inpaint_grid.png",
-           "finetune_samples.png": "finetune/samples/step_*.png", "synthetic_grid.png": "synthesize/synthetic_grid.png",
-           "segment_grid.png": "segment/segment_grid.png", "world_samples.png": "world/samples_grid.png"}
-
 
 def git_commit() -> str | None:
     try:
@@ -44,14 +27,20 @@ def git_commit() -> str | None:
         return None
 
 
-def collect_results(ctx) -> dict:
+def table_rows(cfg) -> list[tuple[str, str]]:
+    """(key in results.json, label in results.md) of every stage's rows, in the pipeline's order."""
+    return [row for stage in pipeline_order(cfg) for row in stage_spec(stage).rows]
+
+
+def collect_results(ctx: RunContext) -> dict:
     """results.json's content from the DONE records of the stages that are complete for the current settings:
     a stage whose outputs were made with other settings (or whose inputs changed since) is left out, with a
     warning, so the table never mixes results of different settings."""
-    records = {stage: ctx.done_record(stage) if _current(ctx, stage) else None for stage in STAGES}
+    stages = pipeline_order(ctx.full_cfg)
+    records = {stage: ctx.done_record(stage) if _current(ctx, stage) else None for stage in stages}
     summaries = {stage: (record or {}).get("summary", {}) for stage, record in records.items()}
     rows: dict = {}
-    for stage in ("masks", "inpaint", "segment"):
+    for stage in stages:
         rows.update(summaries[stage].get("rows", {}))
     seconds = {stage: record["seconds"] for stage, record in records.items() if record}
     seconds["total"] = round(sum(seconds.values()), 2)
@@ -61,7 +50,7 @@ def collect_results(ctx) -> dict:
         "command": command_line(),
         "git_commit": git_commit(),
         "concept": list(ctx.cfg.concept),
-        "rows": {key: rows[key] for key, _ in ROWS if key in rows},
+        "rows": {key: rows[key] for key, _ in table_rows(ctx.full_cfg) if key in rows},
         "seconds": seconds,
     }
     if "attention_auc" in summaries["masks"]:
@@ -81,7 +70,7 @@ def collect_results(ctx) -> dict:
     return results
 
 
-def _current(ctx, stage: str) -> bool:
+def _current(ctx: RunContext, stage: str) -> bool:
     if ctx.done_record(stage) is None:
         return False
     try:
@@ -95,21 +84,18 @@ def _current(ctx, stage: str) -> bool:
     return current
 
 
-def _packaged_world_training(ctx) -> dict:
+def _packaged_world_training(ctx: RunContext) -> dict:
     """Fidelity recorded when the diffusion model in use was trained (its training.json), if any."""
     path = Path(ctx.diffusion_source()) / "training.json"
     if path.exists():
-        from conceptdistill.utils.io import read_json
-
         return read_json(path)
     return {}
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, labels: dict[str, str]) -> str:
     lines = [f"# {results['experiment']}: concept {', '.join(results['concept'])}", "",
              f"Made on {results['date']} (commit {results['git_commit']}) by:", "", f"    {results['command']}", "",
              "Pooled over the test images, in %:", "", "| method | acc | IoU | mIoU |", "|---|---|---|---|"]
-    labels = dict(ROWS)
     for key, row in results["rows"].items():
         lines.append(f"| {labels[key]} | {100 * row['acc']:.1f} | {100 * row['iou']:.1f} | {100 * row['miou']:.1f} |")
     lines.append("")
@@ -123,18 +109,19 @@ def markdown(results: dict) -> str:
 
 
 @register_stage("report", settings=("concept",), always_run=True, reads_data=False)
-def run_report(ctx) -> dict:
+def run_report(ctx: RunContext) -> dict:
     folder = ctx.stage_dir("report")
     results = collect_results(ctx)
     figures = []
-    for name, pattern in FIGURES.items():
-        matches = sorted(ctx.run_dir.glob(pattern))
-        if matches:
-            shutil.copyfile(matches[-1], folder / name)
-            figures.append(name)
+    for stage in pipeline_order(ctx.full_cfg):
+        for name, pattern in stage_spec(stage).figures:
+            matches = sorted(ctx.layout.stage_dir(stage).glob(pattern))  # the last match: e.g. the last step's samples
+            if matches:
+                shutil.copyfile(matches[-1], folder / name)
+                figures.append(name)
     results["figures"] = figures
     write_json(folder / "results.json", results)
-    text = markdown(results)
+    text = markdown(results, dict(table_rows(ctx.full_cfg)))
     (folder / "results.md").write_text(text)
     print(text)
     return {"results": str(folder / "results.json"), "rows": list(results["rows"])}

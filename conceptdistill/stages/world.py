@@ -1,8 +1,8 @@
 """Stage "world": train the shapes world's own text-to-image diffusion model from random weights.
 
-The stand-in for Stable Diffusion. It is the fine-tuner of stage "finetune" in `full` mode, with the text
-encoder trained too, each image's own caption, caption dropout (for classifier-free guidance) and an EMA
-of the UNet weights. The result is saved as a diffusers-layout folder (`world/pipeline`) that the ordinary
+The stand-in for Stable Diffusion, trained by the text-to-image trainer (modules/text_to_image.py, config
+`world.module`: every UNet weight and the text encoder, each image's own caption, caption dropout for
+classifier-free guidance, an EMA of the UNet weights). The result is saved as a diffusers-layout folder (`world/pipeline`) that the ordinary
 loader reads; later stages of the same run use it. `make world-model` copies it into the package, which
 is how the committed model was made. Its prompt fidelity is measured with a classifier on true labels
 (conceptdistill.world.fidelity) and recorded in the folder's training.json. `world.max_steps=0` with
@@ -20,13 +20,16 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from conceptdistill.data.stream import checkpoint_step, step_loader
-from conceptdistill.runner import command_line
-from conceptdistill.stages.finetune import ConceptDistillationFineTuner
-from conceptdistill.stages.registry import TRAINING_HARDWARE, register_stage
+from conceptdistill.evaluation import log_results
+from conceptdistill.figures import save_grid
+from conceptdistill.pipeline.context import RunContext, command_line
+from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
 from conceptdistill.utils.io import write_json
+from conceptdistill.world.datamodule import ShapesWorldDataModule
 
 log = logging.getLogger(__name__)
 #: what a fidelity measurement writes into training.json (redone when a model is measured again)
@@ -34,17 +37,16 @@ FIDELITY_KEYS = ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "backgr
                  "classifier_accuracy", "fidelity_settings")
 
 
-@register_stage("world", settings=("seed", "data", "world", "model.batch_size", *TRAINING_HARDWARE))
-def run_world(ctx) -> dict:
+@register_stage("world", settings=("seed", "data", "world", "model.batch_size", *TRAINING_HARDWARE),
+                figures={"world_samples.png": "samples_grid.png"})
+def run_world(ctx: RunContext) -> dict:
     from conceptdistill.diffusion.loading import save_diffusion_parts
-    from conceptdistill.evaluation import log_results
-    from conceptdistill.figures import save_grid
     from conceptdistill.world.fidelity import draw_fidelity_samples, fidelity_scores, train_classifier
     from conceptdistill.world.model import build_world_parts
 
     cfg, world_cfg = ctx.cfg, ctx.cfg.world
     datamodule = ctx.datamodule
-    if not hasattr(datamodule, "caption_dataset"):
+    if not isinstance(datamodule, ShapesWorldDataModule):
         raise RuntimeError("stage world trains the shapes world's model; it needs data=shapes (the shapes world)")
     folder = ctx.stage_dir("world")
     shapes, colours = list(datamodule.world.shapes), list(datamodule.world.colours)
@@ -98,11 +100,11 @@ def run_world(ctx) -> dict:
                        "text_encoder": sum(p.numel() for p in parts.text_encoder.parameters())},
     }
     if measure_only:  # unchanged weights: copy the model's files as they are, byte for byte
-        pipeline = folder / "pipeline"
+        pipeline = ctx.layout.world_model()
         shutil.rmtree(pipeline, ignore_errors=True)
         shutil.copytree(source, pipeline)
     else:
-        pipeline = save_diffusion_parts(parts, folder / "pipeline", overwrite=True)
+        pipeline = save_diffusion_parts(parts, ctx.layout.world_model(), overwrite=True)
     write_json(pipeline / "training.json", summary)
     log_results(ctx, "world", summary, {"world_samples": grid})
     return summary
@@ -114,24 +116,19 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True)
 
 
-def _train(ctx, parts, folder) -> dict:
+def _train(ctx: RunContext, parts, folder) -> dict:
     """Train `parts` in place (text encoder and UNet; EMA weights applied at the end, parts left on the
     training device); returns what the training record keeps."""
     cfg, world_cfg = ctx.cfg, ctx.cfg.world
-    module = ConceptDistillationFineTuner(
-        parts, adapter="full", learning_rate=world_cfg.learning_rate, weight_decay=world_cfg.weight_decay,
-        warmup_steps=world_cfg.warmup_steps, background_probability=0.0, use_batch_captions=True,
-        caption_dropout=world_cfg.caption_dropout, train_text_encoder=True, ema_decay=world_cfg.ema_decay,
-        seed=cfg.seed,
-    )
+    module = instantiate(world_cfg.module, _convert_="all")(parts)
     pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
     images = ctx.datamodule.caption_dataset(world_cfg.num_images)
-    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
+    checkpoints = ModelCheckpoint(dirpath=ctx.layout.checkpoints("world"), save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
     trainer = ctx.trainer(
         "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
         log_every_n_steps=20, max_time=datetime.timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,
     )
-    last = folder / "checkpoints" / "last.ckpt"
+    last = ctx.layout.checkpoints("world") / "last.ckpt"
     resume = last if last.exists() else None
     loader = step_loader(ctx.datamodule, images, batch_size=world_cfg.batch_size, seed=cfg.seed, salt="world",
                          start_step=checkpoint_step(resume), trainer=trainer)

@@ -212,6 +212,10 @@ class ShapesWorldDataModule(ConceptDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Nothing to download; data sets are rendered on first use by `dataset(split)`."""
 
+    def stats(self) -> dict:
+        """Generated images: nothing is ever skipped or converted."""
+        return {}
+
     def dataset(self, split: Split) -> WorldArrayDataset:
         if split not in SPLIT_OFFSETS:
             raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")

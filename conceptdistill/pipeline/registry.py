@@ -10,7 +10,12 @@ A declaration names what the stage's results depend on, and the runner derives e
   missing or were made with other settings;
 - ``uses_model``: the stage reads the diffusion model's weights; the fingerprint covers their content;
 - ``always_run`` (cheap summaries such as `report`) and ``reads_data`` (the data set is checked before any
-  stage runs).
+  stage runs);
+- ``rows`` (results-table rows the stage's summary holds under "rows", with their labels) and ``figures``
+  (report figure name -> a glob under the stage's folder): the report collects both from every stage.
+
+The run order of the pipeline (`pipeline_order`) follows from the inputs; adding a stage is one module in
+`conceptdistill/stages/` that declares itself, plus its config group.
 
 Keys in `PRESENTATION_KEYS` never enter a fingerprint: batch sizes of prediction stages, worker counts,
 figure counts and where files go do not change any result (randomness is per sample, see utils/seeding.py).
@@ -32,7 +37,7 @@ PRESENTATION_KEYS = frozenset({
     "masks.batch_size", "masks.figure_samples",
     "inpaint.batch_size", "inpaint.figure_samples",
     "synthesize.batch_size", "synthesize.figure_samples",
-    "segment.num_workers", "segment.figure_samples", "segment.checkpoint_every",
+    "segment.figure_samples", "segment.checkpoint_every",
     "finetune.sample_every", "finetune.sample_count", "finetune.sample_steps", "finetune.checkpoint_every",
     "world.checkpoint_every",
     "predict.batch_size", "predict.output_dir",
@@ -59,6 +64,8 @@ class StageSpec:
     uses_model: bool = False
     always_run: bool = False
     reads_data: bool = True
+    rows: tuple[tuple[str, str], ...] = ()
+    figures: tuple[tuple[str, str], ...] = ()
 
     def inputs_for(self, cfg) -> tuple[str, ...]:
         return tuple(self.inputs(cfg) if callable(self.inputs) else self.inputs)
@@ -73,15 +80,25 @@ _REGISTRY: dict[str, StageSpec] = {}
 
 def register_stage(
     name: str, *, settings: tuple[str, ...], inputs=(), uses_model: bool = False, always_run: bool = False,
-    reads_data: bool = True,
+    reads_data: bool = True, rows: dict[str, str] | None = None, figures: dict[str, str] | None = None,
 ):
-    """Decorator for a stage's run function ``run(ctx) -> dict`` in module ``conceptdistill.stages.<name>``."""
+    """Decorator for a stage's run function ``run(ctx) -> dict`` (see the module docstring for the arguments).
+
+    Raises:
+        ValueError: when another function already registered `name`.
+    """
 
     def register(function):
-        _REGISTRY[name] = StageSpec(
+        spec = StageSpec(
             name=name, module=function.__module__, function=function.__name__, settings=tuple(settings),
             inputs=inputs, uses_model=uses_model, always_run=always_run, reads_data=reads_data,
+            rows=tuple((rows or {}).items()), figures=tuple((figures or {}).items()),
         )
+        known = _REGISTRY.get(name)
+        if known is not None and (known.module, known.function) != (spec.module, spec.function):
+            raise ValueError(f"stage {name!r} is registered twice: by {known.module}.{known.function} and "
+                             f"{spec.module}.{spec.function}")
+        _REGISTRY[name] = spec
         return function
 
     return register
@@ -105,13 +122,29 @@ def stage_spec(name: str) -> StageSpec:
 
 
 def known_stages() -> list[str]:
-    """Every stage module of this package (those that declare a stage)."""
+    """Every registered stage: those of this package's `stages/` modules, and any registered elsewhere."""
     import pkgutil
 
-    import conceptdistill.stages as package
+    package = importlib.import_module("conceptdistill.stages")  # found at run time, as the stages are
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _REGISTRY:
+            importlib.import_module(f"conceptdistill.stages.{info.name}")
+    return sorted(_REGISTRY)
 
-    names = [info.name for info in pkgutil.iter_modules(package.__path__)]
-    for name in names:
-        if name not in _REGISTRY:
-            importlib.import_module(f"conceptdistill.stages.{name}")
-    return [name for name in names if name in _REGISTRY]
+
+def pipeline_order(cfg) -> list[str]:
+    """Every stage that writes results (not always-run ones), each after the stages it reads (ties: by name).
+
+    Raises:
+        StageError: when the declared inputs form a cycle.
+    """
+    producing = [name for name in known_stages() if not _REGISTRY[name].always_run]
+    waiting = {name: set(_REGISTRY[name].inputs_for(cfg)) & set(producing) for name in producing}
+    order: list[str] = []
+    while waiting:
+        ready = sorted(name for name, needs in waiting.items() if needs <= set(order))
+        if not ready:
+            raise StageError(f"the inputs of stages {sorted(waiting)} form a cycle")
+        order.append(ready[0])
+        del waiting[ready[0]]
+    return order

@@ -1,0 +1,123 @@
+"""What fine-tuning changes in a UNet, and the files it is saved as (next to the loader, diffusion/loading.py).
+
+Adapters (config `finetune.adapter`):
+- ``lora``: peft LoRA on the UNet's attention projections; saved as one diffusers LoRA file
+  (`pytorch_lora_weights.safetensors`, loadable by any diffusers pipeline's `load_lora_weights`);
+- ``full``: every UNet weight; saved as a whole `unet/` folder;
+- ``inpaint9``: LoRA plus a UNet input widened to noisy latent + mask + masked latent (the new input weights
+  zero-initialised); saved as a whole `unet/` folder with the LoRA merged in, so the folder stands alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTERS = ("lora", "full", "inpaint9")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss (or the weights it moved) became NaN or inf; raised with the step and the sample ids."""
+
+
+def widen_unet_input(unet, extra_channels: int) -> None:
+    """Give the UNet `extra_channels` more input channels whose weights start at zero, so the widened
+    model computes exactly what the original did until training moves them."""
+    old = unet.conv_in
+    new = torch.nn.Conv2d(
+        old.in_channels + extra_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+        device=old.weight.device, dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+
+
+def add_adapter(unet, adapter: str, *, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> None:
+    """Make the weights `adapter` trains trainable (and only those), in float32 even when the frozen base is
+    half precision (diffusers' `cast_training_params`).
+
+    Raises:
+        ValueError: naming `finetune.adapter` for an adapter not in ADAPTERS.
+    """
+    if adapter not in ADAPTERS:
+        raise ValueError(f"finetune.adapter={adapter!r}: choose one of {ADAPTERS}")
+    if adapter == "full":
+        unet.requires_grad_(True)
+        return
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    if adapter == "inpaint9":
+        widen_unet_input(unet, unet.config.in_channels + 1)
+    # LoRA's random init is seeded by the run seed (and leaves the caller's RNG stream alone).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+        )
+    if adapter == "inpaint9":
+        unet.conv_in.requires_grad_(True)
+    cast_training_params(unet, dtype=torch.float32)
+
+
+def save_finetuned(unet, adapter: str, folder: str | Path) -> Path:
+    """Write what `adapter` trained of `unet` into `folder`; returns the LoRA file or the `unet/` folder.
+
+    Raises:
+        NonFiniteLossError: when any weight holds NaN or inf (such weights are never exported; the run's
+            checkpoints stay for inspection).
+    """
+    folder = Path(folder)
+    broken = [name for name, p in unet.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise NonFiniteLossError(f"{len(broken)} fine-tuned weight tensor(s) hold NaN or inf (e.g. {broken[0]}); "
+                                 "not saving them")
+    folder.mkdir(parents=True, exist_ok=True)
+    if adapter == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # The adapter's config (rank, lora_alpha, targets) travels as safetensors metadata: without it loaders
+        # assume lora_alpha == rank and a model trained with lora_alpha != lora_rank comes back scaled wrongly.
+        metadata = unet.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        )
+        return folder / LORA_WEIGHTS
+    if adapter == "inpaint9":
+        unet.fuse_lora()
+        unet.unload_lora()
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    return folder / "unet"
+
+
+def load_finetuned(parts, folder: str | Path):
+    """Apply what `save_finetuned` wrote to a freshly loaded `DiffusionParts` set (in place); returns it.
+
+    Raises:
+        FileNotFoundError: when `folder` holds neither a LoRA file nor a `unet/` folder.
+    """
+    folder = Path(folder)
+    if (folder / LORA_WEIGHTS).exists():
+        parts.unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name="concept")
+        parts.unet.fuse_lora()
+    elif (folder / "unet" / "config.json").exists():
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=parts.dtype)
+        parts.unet = unet.to(parts.device).eval()
+    else:
+        raise FileNotFoundError(
+            f"no fine-tuned weights in {folder}: expected {LORA_WEIGHTS} or unet/. Run the finetune stage first "
+            "(stages=[finetune]) or point the run at a run folder where it finished."
+        )
+    return parts

@@ -1,0 +1,221 @@
+"""What a running stage is given: `RunContext` (config view, run folder layout, data, model, trainers,
+loggers) and the fingerprints that decide whether a stage's outputs are current.
+
+A stage's fingerprint hashes its declared settings (less presentation keys), the diffusion model's content if
+it reads it, the data set's file listing, and its inputs' fingerprints (pipeline/registry.py), so a change
+anywhere upstream changes every fingerprint downstream before anything reruns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from conceptdistill.pipeline.config import config_view, result_settings
+from conceptdistill.pipeline.layout import RunLayout, open_output_folder
+from conceptdistill.pipeline.registry import INFRASTRUCTURE_KEYS, StageError, stage_spec
+from conceptdistill.utils.io import read_json
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from conceptdistill.data.base import ConceptDataModule
+    from conceptdistill.diffusion.loading import DiffusionParts
+
+__all__ = ["RunContext", "command_line", "finish_loggers"]
+
+
+class RunContext:
+    """What a stage needs: the config, the run folder, the data, trainers and loggers.
+
+    `cfg` is the view of the configuration the running stage may read (its declared settings plus the
+    infrastructure keys, see pipeline/registry.py); `full_cfg` is the whole composed config, for
+    the runner's own shared resources (data module, model loading, trainers, loggers).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.full_cfg = cfg
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.layout = RunLayout(self.run_dir)
+        self.summaries: dict[str, dict] = {}
+        # Fingerprints depend on the config (fixed for the run) and on the model folder, which a `world` stage
+        # replaces: they are memoised and forgotten whenever a stage finishes.
+        self._fingerprints: dict[str, str] = {}
+
+    # ----- folders and completion ---------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        """The stage's folder in the run, created if missing."""
+        path = self.layout.stage_dir(stage)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def done_record(self, stage: str) -> dict | None:
+        """The stage's DONE.json (fingerprint, seconds, summary), or None if it has not finished."""
+        path = self.layout.done_file(stage)
+        return read_json(path) if path.exists() else None
+
+    def fingerprint(self, stage: str) -> str:
+        """Hash of everything the stage's results depend on: its declared settings (less presentation keys),
+        the model's weights if it reads them, and its inputs' fingerprints as the current config would make
+        them (so a change upstream changes every fingerprint downstream, before anything reruns)."""
+        if stage not in self._fingerprints:
+            spec = stage_spec(stage)
+            settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings)}
+            if spec.uses_model:
+                settings["model_weights"] = self.model_fingerprint()
+            if spec.reads_data and not spec.always_run:
+                settings["data_files"] = self.data_fingerprint
+            settings["inputs"] = {name: self.fingerprint(name) for name in spec.inputs_for(self.full_cfg)}
+            blob = json.dumps(settings, sort_keys=True, default=str)
+            self._fingerprints[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._fingerprints[stage]
+
+    def forget_fingerprints(self) -> None:
+        """Called after each stage: a stage may have changed what fingerprints hash (the model folder)."""
+        self._fingerprints.clear()
+
+    def model_fingerprint(self) -> str:
+        from conceptdistill.diffusion.loading import model_fingerprint
+
+        return model_fingerprint(self.diffusion_source(), revision=self.full_cfg.model.get("revision"))
+
+    @cached_property
+    def data_fingerprint(self) -> str | None:
+        """Hash of the data set's files as listed (id, path, size, modification time of each image and mask),
+        so that files replaced or added under a data root invalidate finished work; None for generated data."""
+        records = getattr(self.datamodule, "records", None)
+        if records is None:
+            return None
+        hasher = hashlib.sha256()
+        for split in ("train", "val", "test"):
+            for record in records(split):
+                hasher.update(f"{split}\0{record.id}\0{record.boxes}\0{record.box_frame}".encode())
+                for path in (record.image, record.mask):
+                    stat = os.stat(path) if path is not None and os.path.exists(path) else None
+                    hasher.update(f"\0{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}".encode())
+        return hasher.hexdigest()[:16]
+
+    def is_complete(self, stage: str) -> bool:
+        record = self.done_record(stage)
+        return record is not None and record.get("fingerprint") == self.fingerprint(stage)
+
+    def prepare_stage_dir(self, stage: str) -> Path:
+        """Open a stage folder for (re)work. Partial work done with the same settings is kept (the stage
+        resumes it); work done with other settings is moved aside, never deleted."""
+        return open_output_folder(self.layout.stage_dir(stage), self.fingerprint(stage), f"stage {stage}")
+
+    def require_inputs(self, stage: str) -> None:
+        """Raise StageError unless every stage `stage` reads is complete for the current settings."""
+        for name in stage_spec(stage).inputs_for(self.full_cfg):
+            if not self.is_complete(name):
+                problem = "has not run" if self.done_record(name) is None else "was made with other settings"
+                raise StageError(
+                    f"stage {stage} reads the outputs of stage {name}, which {problem} in {self.run_dir}: run it "
+                    f"first, e.g. stages=[{name},{stage}]"
+                )
+
+    def view(self, stage: str) -> DictConfig:
+        """The config as stage `stage` may read it: its declared settings and the infrastructure keys."""
+        return config_view(self.full_cfg, (*INFRASTRUCTURE_KEYS, *stage_spec(stage).settings))
+
+    # ----- shared resources ---------------------------------------------------------------------
+    @cached_property
+    def datamodule(self) -> ConceptDataModule:
+        from hydra.errors import InstantiationException
+        from hydra.utils import instantiate
+
+        from conceptdistill.data.readers import DatasetLayoutError
+
+        try:
+            return instantiate(self.full_cfg.data)
+        except InstantiationException as err:
+            # Hydra wraps the reader's one-paragraph "what is expected and where" message in its own
+            # "Error in call to target ..." text; show the reader's message as it is.
+            if isinstance(err.__cause__, DatasetLayoutError):
+                raise err.__cause__ from None
+            raise
+
+    def diffusion_source(self) -> str:
+        """The diffusion model to use: the one this run's `world` stage trained, else `model.path`."""
+        trained = self.layout.world_model()
+        if (trained / "model_index.json").exists():
+            return str(trained)
+        from conceptdistill.diffusion.registry import resolve_model_path
+
+        return resolve_model_path(self.full_cfg.model)
+
+    def load_parts(self, *, finetuned: bool = False) -> DiffusionParts:
+        """The diffusion model's parts on the CPU (Lightning moves them to the device): float32 on the
+        CPU, the configured dtype (e.g. float16) where the run uses a GPU; with `finetuned`, plus the weights
+        written by this run's finetune stage."""
+        import torch
+
+        from conceptdistill.diffusion.loading import check_image_size, load_diffusion_parts
+
+        cfg = self.full_cfg
+        on_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        dtype = getattr(torch, str(cfg.model.dtype)) if on_gpu else torch.float32
+        parts = load_diffusion_parts(
+            self.diffusion_source(), revision=cfg.model.get("revision"), variant=cfg.model.get("variant"), dtype=dtype,
+        )
+        check_image_size(parts, cfg.data.image_size)  # before any image is processed
+        if finetuned:
+            from conceptdistill.diffusion.adapters import load_finetuned
+
+            load_finetuned(parts, self.layout.finetuned_weights())
+        return parts
+
+    def logger(self, stage: str):
+        """A fresh experiment logger for one stage job (or None), grouped by run folder."""
+        spec = self.full_cfg.get("logger")
+        if not spec or "_target_" not in spec:
+            return None
+        from hydra.utils import instantiate
+
+        target = spec["_target_"]
+        extra: dict[str, Any] = {}
+        if target.endswith("WandbLogger"):
+            extra = {"name": f"{self.full_cfg.experiment}-{stage}", "group": self.run_dir.name, "job_type": stage}
+            os.environ.setdefault("WANDB_SILENT", "true")
+        else:
+            extra = {"name": stage, "version": ""}
+        return instantiate(spec, **extra)
+
+    def trainer(self, stage: str, **overrides) -> pl.Trainer:
+        """The configured trainer (config `trainer`: hardware, precision, any Trainer argument) with the stage's
+        own budget and callbacks (`overrides`, which win)."""
+        from hydra.utils import instantiate
+
+        from conceptdistill.utils.checkpoints import AtomicCheckpointIO
+
+        configured = self.full_cfg.trainer
+        kwargs: dict[str, Any] = {"enable_model_summary": False, "plugins": [AtomicCheckpointIO()]}
+        # Defaults only where neither the config nor the caller gave one: each creates something (a folder,
+        # a logger run).
+        if "default_root_dir" not in overrides and "default_root_dir" not in configured:
+            kwargs["default_root_dir"] = str(self.stage_dir(stage))
+        if "logger" not in overrides and "logger" not in configured:
+            kwargs["logger"] = self.logger(stage) or False
+        kwargs = {key: value for key, value in kwargs.items() if key not in configured}
+        return instantiate(configured, **kwargs, **overrides)
+
+
+def command_line() -> str:
+    """How this run was started, for the records it writes (results.json, a world model's training.json)."""
+    return "python -m conceptdistill " + " ".join(sys.argv[1:])
+
+
+def finish_loggers() -> None:
+    """Close a wandb run so that the next stage (or multirun job) starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
