@@ -49,12 +49,10 @@ from pathlib import Path
 import numpy as np
 
 from conceptdistill.data.base import ConceptDataModule, Split
-from conceptdistill.data.images import (
-    IMAGE_EXTENSIONS,
-    RESIZE_MODES,
-    ImageListDataset,
-    ImageRecord,
-)
+from conceptdistill.data.decoding import IMAGE_EXTENSIONS
+from conceptdistill.data.geometry import RESIZE_MODES
+from conceptdistill.data.image_list import ImageListDataset
+from conceptdistill.data.scanning import ImageRecord
 
 _SAFE_RULE = "without its extension, with '/' replaced by '__' and every other character outside [A-Za-z0-9._+-] by '_'"
 

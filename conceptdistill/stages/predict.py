@@ -62,7 +62,7 @@ def checkpoint_path(ctx) -> Path:
 
 @register_stage("predict", settings=("predict", "segment.image_size"), always_run=True, reads_data=False)
 def run_predict(ctx) -> dict:
-    from conceptdistill.data.images import image_size
+    from conceptdistill.data.decoding import image_size
     from conceptdistill.data.readers import ImageFolderDataModule
     from conceptdistill.stages.segment import SegmentationModel
 
