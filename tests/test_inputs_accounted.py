@@ -18,9 +18,9 @@ import torch
 from PIL import Image, ImageOps
 from trees import make_messy_folder, write_image, write_oriented_jpeg
 
+from conceptdistill.data.datasets.image_folder import ImageFolderDataModule
 from conceptdistill.data.decoding import image_size, load_mask, load_rgb
 from conceptdistill.data.image_list import ImageListDataset
-from conceptdistill.data.readers import ImageFolderDataModule
 from conceptdistill.data.scanning import ImageRecord, scan_records
 from conceptdistill.utils.io import save_array, save_mask_png, write_json
 

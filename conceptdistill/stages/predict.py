@@ -62,8 +62,8 @@ def checkpoint_path(ctx) -> Path:
 
 @register_stage("predict", settings=("predict", "segment.image_size"), always_run=True, reads_data=False)
 def run_predict(ctx) -> dict:
+    from conceptdistill.data.datasets.image_folder import ImageFolderDataModule
     from conceptdistill.data.decoding import image_size
-    from conceptdistill.data.readers import ImageFolderDataModule
     from conceptdistill.stages.segment import SegmentationModel
 
     pr = ctx.cfg.predict
