@@ -62,6 +62,11 @@ def _hash_key(seed: int, sample_id: str, salt: str) -> bytes:
     return hashlib.sha256(f"{seed}/{salt}/{sample_id}".encode()).digest()
 
 
+def first_file(*candidates: Path) -> Path | None:
+    """The first of `candidates` that is a file, or None."""
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def hash_split(
     records: Sequence[ImageRecord], fraction: float, *, seed: int = 0, salt: str = "split"
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
@@ -85,9 +90,9 @@ def hash_split(
 class FileDataModule(ConceptDataModule):
     """Shared logic: root resolution, layout errors, train/val/test partition, scanning, datasets.
 
-    Subclasses set `name`, `env_var`, `layout`, `source`, `truth`, implement `_check_layout()` (raise via
-    `self.layout_error`) and `_list(split)` for split "train" and "test" (and "val" when the data set has
-    an official one; return None otherwise).
+    Subclasses set `name`, `env_var`, `layout`, `source`, `truth`, implement `check_layout(root)` (return
+    what was found, stored as `self.found`; raise via `self.layout_error`) and `_list(split)` for split
+    "train" and "test" (and "val" when the data set has an official one; return None otherwise).
     """
 
     name: str = "data set"
@@ -122,27 +127,34 @@ class FileDataModule(ConceptDataModule):
         self.max_images = max_images
         self.mask_threshold = float(mask_threshold)
         self.scan_workers = scan_workers
-        self.root = self._resolve_root(root)
+        self.root = self.resolve_root(root)
+        #: what `check_layout` found under root (the reader's own small dataclass; None when it needs nothing)
+        self.found = self.check_layout(self.root)
         self._datasets: dict[str, ImageListDataset] = {}
         self._lists: dict[str, list[ImageRecord] | None] = {}
 
     # ---------------------------------------------------------------------------------- layout, errors
-    def _resolve_root(self, root) -> Path:
+    def resolve_root(self, root: str | os.PathLike | None) -> Path:
+        """The data set folder: `root`, else the reader's environment variable, with ``~`` and ``$VARS``
+        expanded. Raises `DatasetLayoutError` when neither is set or the path is not a folder."""
         if root is None or str(root).strip() in ("", "None", "null"):
             root = os.environ.get(self.env_var) if self.env_var else None
         if root is None or str(root).strip() == "":
-            self._root_for_message = None
-            raise self.layout_error("no root folder was given")
+            raise self.layout_error("no root folder was given", None)
         path = Path(os.path.expandvars(os.path.expanduser(str(root))))
-        self._root_for_message = path
         if not path.is_dir():
-            raise self.layout_error("the root folder does not exist" if not path.exists() else "the root is not a folder")
-        self.root = path
-        self._check_layout()
+            problem = "the root folder does not exist" if not path.exists() else "the root is not a folder"
+            raise self.layout_error(problem, path)
         return path
 
-    def layout_error(self, problem: str) -> DatasetLayoutError:
-        root = getattr(self, "_root_for_message", None)
+    def check_layout(self, root: Path):
+        """Look at `root` and return what the reader needs from it (paths, a small frozen dataclass), or raise
+        `DatasetLayoutError` (via `layout_error`) naming what is missing. Sets nothing on the reader."""
+        return None
+
+    def layout_error(self, problem: str, root: Path | None) -> DatasetLayoutError:
+        """The one-paragraph error for a wrong layout: the data set, `problem`, the root looked at (None: no
+        root was set), how to set it, the expected layout and where the official files come from."""
         where = f"looked at root '{root}'" if root is not None else "no root was set"
         how = "set it with `data.root=/path`" + (f" or the {self.env_var} environment variable" if self.env_var else "")
         return DatasetLayoutError(
@@ -150,21 +162,15 @@ class FileDataModule(ConceptDataModule):
             f"Official files: {self.source}"
         )
 
-    def _require(self, *relative: str | Path, kind: str = "any") -> list[Path]:
-        missing = []
-        paths = []
-        for rel in relative:
-            path = self.root / rel
-            ok = path.is_dir() if kind == "dir" else path.is_file() if kind == "file" else path.exists()
-            if not ok:
-                missing.append(str(rel))
-            paths.append(path)
+    def require(self, root: Path, *relative: str | Path, kind: str = "any") -> list[Path]:
+        """root / each relative path; raises `DatasetLayoutError` listing every one that is not a folder
+        (kind "dir"), a file ("file") or anything ("any")."""
+        paths = [root / rel for rel in relative]
+        exists = {"dir": Path.is_dir, "file": Path.is_file, "any": Path.exists}[kind]
+        missing = [str(rel) for rel, path in zip(relative, paths, strict=True) if not exists(path)]
         if missing:
-            raise self.layout_error("missing " + ", ".join(missing))
+            raise self.layout_error("missing " + ", ".join(missing), root)
         return paths
-
-    def _check_layout(self) -> None:  # pragma: no cover - overridden
-        pass
 
     def _list(self, split: str) -> list[ImageRecord] | None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -217,10 +223,3 @@ class FileDataModule(ConceptDataModule):
         """Per built split: kept / skipped / converted counts, the skipped paths and, when any were skipped,
         "skipped_kinds" (kind -> count), for a stage to report. kept + skipped = the records listed."""
         return {split: ds.report.summary() for split, ds in self._datasets.items()}
-
-    # ------------------------------------------------------------------------------------ helpers
-    def _find_file(self, *candidates: Path) -> Path | None:
-        for path in candidates:
-            if path.is_file():
-                return path
-        return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,14 @@ def float_or_none(text) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if np.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class CSVLayout:
+    """What `BoxCSVDataModule.check_layout` found: the CSV of boxes and its image-path column."""
+
+    csv_path: Path
+    path_column: str
 
 
 class BoxCSVDataModule(FileDataModule):
@@ -45,39 +55,52 @@ class BoxCSVDataModule(FileDataModule):
         super().__init__(root, **kwargs)
 
     # --- layout
-    def _csv_path(self) -> Path:
+    def _find_csv(self, root: Path) -> Path:
         if self._csv_arg:
             path = Path(os.path.expanduser(str(self._csv_arg)))
-            path = path if path.is_absolute() else self.root / path
+            path = path if path.is_absolute() else root / path
             if not path.is_file():
-                raise self.layout_error(f"missing {self._csv_arg}")
+                raise self.layout_error(f"missing {self._csv_arg}", root)
             return path
-        if self.default_csv and (self.root / self.default_csv).is_file():
-            return self.root / self.default_csv
-        found = sorted(self.root.glob("*.csv"))
+        if self.default_csv and (root / self.default_csv).is_file():
+            return root / self.default_csv
+        found = sorted(root.glob("*.csv"))
         if len(found) == 1 and not self.default_csv:
             return found[0]
         if not found or self.default_csv:
-            raise self.layout_error(f"missing {self.default_csv or 'a .csv file of boxes'}")
-        raise self.layout_error(f"several .csv files ({', '.join(p.name for p in found)}); choose one with data.csv=NAME")
+            raise self.layout_error(f"missing {self.default_csv or 'a .csv file of boxes'}", root)
+        problem = f"several .csv files ({', '.join(p.name for p in found)}); choose one with data.csv=NAME"
+        raise self.layout_error(problem, root)
 
-    def _check_layout(self) -> None:
-        self._require(self.images_dir_name, kind="dir")
-        self.csv_path = self._csv_path()
-        with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
+    def check_layout(self, root: Path) -> CSVLayout:
+        """The CSV of boxes and the column that names each row's image (after checking the images folder and
+        that the CSV has the box columns)."""
+        self.require(root, self.images_dir_name, kind="dir")
+        csv_path = self._find_csv(root)
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             header = next(csv.reader(handle), [])
-        self._columns = [h.strip() for h in header]
-        missing = [c for c in self.box_columns if c not in self._columns]
+        columns = [h.strip() for h in header]
+        missing = [c for c in self.box_columns if c not in columns]
         if self._path_column_arg:
-            if self._path_column_arg not in self._columns:
+            if self._path_column_arg not in columns:
                 missing.insert(0, self._path_column_arg)
-            self.path_column = self._path_column_arg
+            path_column = self._path_column_arg
         else:
-            self.path_column = next((c for c in self.path_columns if c in self._columns), None)
-            if self.path_column is None:
+            path_column = next((c for c in self.path_columns if c in columns), None)
+            if path_column is None:
                 missing.insert(0, " or ".join(self.path_columns))
         if missing:
-            raise self.layout_error(f"{self.csv_path.name} lacks column(s) {', '.join(missing)} (has {', '.join(self._columns)})")
+            problem = f"{csv_path.name} lacks column(s) {', '.join(missing)} (has {', '.join(columns)})"
+            raise self.layout_error(problem, root)
+        return CSVLayout(csv_path, path_column)
+
+    @property
+    def csv_path(self) -> Path:
+        return self.found.csv_path
+
+    @property
+    def path_column(self) -> str:
+        return self.found.path_column
 
     # --- hooks
     def _keep_row(self, row: dict) -> bool:
@@ -90,9 +113,9 @@ class BoxCSVDataModule(FileDataModule):
         return self.root / self.images_dir_name / value
 
     # --- listing
-    def _all_records(self) -> dict[str, list[ImageRecord]]:
-        if hasattr(self, "_by_split"):
-            return self._by_split
+    @cached_property
+    def _by_split(self) -> dict[str, list[ImageRecord]]:
+        """Every image of the CSV as a record with the union of its boxes, per split (read once)."""
         grouped: dict[str, dict] = {}
         c0, c1, c2, c3 = self.box_columns
         with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -123,11 +146,10 @@ class BoxCSVDataModule(FileDataModule):
             rest, test = hash_split(unsplit, self.test_fraction, seed=self.split_seed, salt="test")
             by_split["train"] += rest
             by_split["test"] += test
-        self._by_split = by_split
         return by_split
 
     def _list(self, split: str) -> list[ImageRecord] | None:
-        records = self._all_records()[split]
+        records = self._by_split[split]
         if split == "val" and not records:
             return None
         return records

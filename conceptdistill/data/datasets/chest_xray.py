@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 from conceptdistill.data.datasets.box_csv import BoxCSVDataModule, float_or_none
@@ -53,18 +54,19 @@ class ChestXrayDataModule(BoxCSVDataModule):
         w, h = float_or_none(row.get("image_width")), float_or_none(row.get("image_height"))
         return (w, h) if w and h and w > 0 and h > 0 else None
 
-    def _stem_index(self) -> dict[str, Path]:
-        if not hasattr(self, "_stems"):
-            self._stems = {}
-            for path in sorted((self.root / self.images_dir_name).rglob("*")):
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    self._stems.setdefault(path.stem, path)
-        return self._stems
+    @cached_property
+    def _stems(self) -> dict[str, Path]:
+        """File stem -> the first image (in path order) with that stem under images/ (for dicom_id rows)."""
+        stems: dict[str, Path] = {}
+        for path in sorted((self.root / self.images_dir_name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                stems.setdefault(path.stem, path)
+        return stems
 
     def _resolve_image(self, value: str) -> Path:
         base = self.root / self.images_dir_name
         if self.path_column == "dicom_id":
-            return self._stem_index().get(value, base / f"{value}.jpg")
+            return self._stems.get(value, base / f"{value}.jpg")
         path = base / value
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             return path

@@ -37,18 +37,24 @@ class CUBDataModule(FileDataModule):
         self._segmentations_arg = segmentations_root
         super().__init__(root, **kwargs)
 
-    def _check_layout(self) -> None:
-        self._require("images.txt", "train_test_split.txt", kind="file")
-        self._require("images", kind="dir")
+    def check_layout(self, root: Path) -> Path:
+        """The segmentations folder (after checking images.txt, train_test_split.txt and images/ exist)."""
+        self.require(root, "images.txt", "train_test_split.txt", kind="file")
+        self.require(root, "images", kind="dir")
         seg = self._segmentations_arg or os.environ.get("CUB_SEGMENTATIONS_ROOT")
         if seg:
             candidates = [Path(os.path.expanduser(str(seg)))]
         else:
-            candidates = [self.root / "segmentations", self.root.parent / "segmentations"]
+            candidates = [root / "segmentations", root.parent / "segmentations"]
         found = next((c for c in candidates if c.is_dir()), None)
         if found is None:
-            raise self.layout_error("no segmentations folder at " + " or ".join(str(c) for c in candidates))
-        self.segmentations_root = found
+            raise self.layout_error("no segmentations folder at " + " or ".join(str(c) for c in candidates), root)
+        return found
+
+    @property
+    def segmentations_root(self) -> Path:
+        """The folder of the segmentation masks, as `check_layout` found it."""
+        return self.found
 
     def _read_pairs(self, name: str) -> dict[str, str]:
         pairs: dict[str, str] = {}
@@ -58,7 +64,7 @@ class CUBDataModule(FileDataModule):
                     continue
                 parts = line.split(maxsplit=1)
                 if len(parts) != 2:
-                    raise self.layout_error(f"{name} line {number} is not '<id> <value>': {line.strip()!r}")
+                    raise self.layout_error(f"{name} line {number} is not '<id> <value>': {line.strip()!r}", self.root)
                 pairs[parts[0]] = parts[1].strip()
         return pairs
 
@@ -72,7 +78,7 @@ class CUBDataModule(FileDataModule):
         for image_id, rel in images.items():
             flag = is_train.get(image_id)
             if flag is None:
-                raise self.layout_error(f"image id {image_id} of images.txt is missing from train_test_split.txt")
+                raise self.layout_error(f"image id {image_id} of images.txt is missing from train_test_split.txt", self.root)
             if flag != want:
                 continue
             rel_path = Path(rel)

@@ -3,11 +3,57 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from conceptdistill.data.decoding import IMAGE_EXTENSIONS
 from conceptdistill.data.readers import FileDataModule, hash_split, safe_id
 from conceptdistill.data.scanning import ImageRecord
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """What `ImageFolderDataModule.check_layout` found: whether root has train/ and test/, and every entry."""
+
+    presplit: bool
+    entries: tuple[tuple[Path, str | None], ...]
+
+
+def walk_entries(root: Path, masks_root: Path | None) -> list[tuple[Path, str | None]]:
+    """Every entry under root, depth first in name order: (path, skip kind, or None for a candidate image).
+    The masks folder, when it lies under root, is not listed."""
+    masks = masks_root.resolve() if masks_root is not None else None
+    seen: set[Path] = set()
+    found: list[tuple[Path, str | None]] = []
+
+    def walk(folder: Path) -> None:
+        seen.add(folder.resolve())
+        try:
+            children = sorted(folder.iterdir(), key=lambda p: p.name)
+        except OSError:
+            found.append((folder, "unreadable folder"))
+            return
+        for path in children:
+            if path.name.startswith("."):
+                found.append((path, "hidden file or folder"))
+            elif path.is_dir():
+                real = path.resolve()
+                if real == masks:
+                    continue  # the masks are not images of the data set
+                if real in seen:
+                    found.append((path, "folder link already read"))
+                    continue
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append((path, "folder named like an image"))
+                walk(path)
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                found.append((path, "not an image file"))
+            else:
+                found.append((path, None))  # the scan tells a broken link, a pipe or a corrupt file
+
+    walk(root)
+    found.sort(key=lambda entry: entry[0])  # the order a sorted rglob gave, so record order is unchanged
+    return found
 
 
 class ImageFolderDataModule(FileDataModule):
@@ -48,50 +94,16 @@ class ImageFolderDataModule(FileDataModule):
         self.test_fraction = float(test_fraction)
         super().__init__(root, **kwargs)
 
-    def _entries(self) -> list[tuple[Path, str | None]]:
-        """Every entry under root, depth first in name order: (path, skip kind, or None for a candidate image)."""
-        if hasattr(self, "_walked"):
-            return self._walked
-        masks = self.masks_root.resolve() if self.masks_root is not None else None
-        seen: set[Path] = set()
-        found: list[tuple[Path, str | None]] = []
-
-        def walk(folder: Path) -> None:
-            seen.add(folder.resolve())
-            try:
-                children = sorted(folder.iterdir(), key=lambda p: p.name)
-            except OSError:
-                found.append((folder, "unreadable folder"))
-                return
-            for path in children:
-                if path.name.startswith("."):
-                    found.append((path, "hidden file or folder"))
-                elif path.is_dir():
-                    real = path.resolve()
-                    if real == masks:
-                        continue  # the masks are not images of the data set
-                    if real in seen:
-                        found.append((path, "folder link already read"))
-                        continue
-                    if path.suffix.lower() in IMAGE_EXTENSIONS:
-                        found.append((path, "folder named like an image"))
-                    walk(path)
-                elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    found.append((path, "not an image file"))
-                else:
-                    found.append((path, None))  # the scan tells a broken link, a pipe or a corrupt file
-
-        walk(self.root)
-        found.sort(key=lambda entry: entry[0])  # the order a sorted rglob gave, so record order is unchanged
-        self._walked = found
-        return found
-
-    def _check_layout(self) -> None:
+    def check_layout(self, root: Path) -> FolderLayout:
+        """Every entry under root (see `walk_entries`) and whether root is split into train/ and test/; raises
+        when the masks folder is missing or no entry could be an image."""
         if self.masks_root is not None and not self.masks_root.is_dir():
-            raise self.layout_error(f"the masks folder {self.masks_root} does not exist")
-        self._presplit = (self.root / "train").is_dir() and (self.root / "test").is_dir()
-        if not any(kind is None for _, kind in self._entries()):
-            raise self.layout_error("no image files found")
+            raise self.layout_error(f"the masks folder {self.masks_root} does not exist", root)
+        presplit = (root / "train").is_dir() and (root / "test").is_dir()
+        entries = tuple(walk_entries(root, self.masks_root))
+        if not any(kind is None for _, kind in entries):
+            raise self.layout_error("no image files found", root)
+        return FolderLayout(presplit, entries)
 
     def _record(self, path: Path, base: Path, skip: str | None) -> ImageRecord:
         rel = path.relative_to(self.root)
@@ -108,16 +120,16 @@ class ImageFolderDataModule(FileDataModule):
     def _list(self, split: str) -> list[ImageRecord] | None:
         if split == "val":
             return None
-        if self._presplit:
+        if self.found.presplit:
             records = []
-            for path, skip in self._entries():
+            for path, skip in self.found.entries:
                 top = path.relative_to(self.root).parts
                 if len(top) > 1 and top[0] == split:
                     records.append(self._record(path, self.root / split, skip))
                 elif split == "train" and not (len(top) > 1 and top[0] == "test"):
                     records.append(self._record(path, self.root, skip or "outside train/ and test/"))
             return records
-        records = [self._record(path, self.root, skip) for path, skip in self._entries()]
+        records = [self._record(path, self.root, skip) for path, skip in self.found.entries]
         if self.test_fraction <= 0:
             return records
         rest, test = hash_split(records, self.test_fraction, seed=self.split_seed, salt="test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conceptdistill.data.formats import load_mat, mat_strings, read_voc_boxes
-from conceptdistill.data.readers import SAFE_RULE, FileDataModule, safe_id
+from conceptdistill.data.readers import SAFE_RULE, FileDataModule, first_file, safe_id
 from conceptdistill.data.scanning import ImageRecord
 
 
@@ -31,22 +31,22 @@ class StanfordDogsDataModule(FileDataModule):
         "unpacked into one folder"
     )
 
-    def _list_file(self, split: str) -> Path | None:
-        return self._find_file(self.root / f"{split}_list.mat", self.root / "lists" / f"{split}_list.mat")
-
-    def _check_layout(self) -> None:
-        self._require("Images", "Annotation", kind="dir")
-        missing = [f"{s}_list.mat" for s in ("train", "test") if self._list_file(s) is None]
+    def check_layout(self, root: Path) -> dict[str, Path]:
+        """The split list files, {"train": ..., "test": ...}, found in root or root/lists/."""
+        self.require(root, "Images", "Annotation", kind="dir")
+        lists = {s: first_file(root / f"{s}_list.mat", root / "lists" / f"{s}_list.mat") for s in ("train", "test")}
+        missing = [f"{s}_list.mat" for s, path in lists.items() if path is None]
         if missing:
-            raise self.layout_error("missing " + ", ".join(missing))
+            raise self.layout_error("missing " + ", ".join(missing), root)
+        return lists
 
     def _list(self, split: str) -> list[ImageRecord] | None:
         if split == "val":
             return None
-        path = self._list_file(split)
+        path = self.found[split]
         mat = load_mat(path)
         if "file_list" not in mat:
-            raise self.layout_error(f"{path.name} has no 'file_list' variable")
+            raise self.layout_error(f"{path.name} has no 'file_list' variable", self.root)
         files = mat_strings(mat["file_list"])
         annotations = mat_strings(mat["annotation_list"]) if "annotation_list" in mat else None
         if annotations is not None and len(annotations) != len(files):
