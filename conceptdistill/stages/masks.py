@@ -138,7 +138,7 @@ def run_masks(ctx) -> dict:
             trainer = ctx.trainer("masks", callbacks=[SampleWriter(store)], logger=False)
             trainer.predict(module, loader, return_predictions=False)
         summary[split] = split_counts(store)
-    if hasattr(ctx.datamodule, "stats"):  # real data: per split, images kept / skipped as unreadable / converted
-        summary["data"] = ctx.datamodule.stats()
+    if data_stats := ctx.datamodule.stats():  # real data: per split, images kept / skipped / converted
+        summary["data"] = data_stats
     summary.update(evaluate_mask_stage(ctx, module))
     return summary

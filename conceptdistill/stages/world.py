@@ -39,12 +39,13 @@ def run_world(ctx) -> dict:
     from conceptdistill.diffusion.loading import save_diffusion_parts
     from conceptdistill.evaluation import log_results
     from conceptdistill.figures import save_grid
+    from conceptdistill.world.datamodule import ShapesWorldDataModule
     from conceptdistill.world.fidelity import draw_fidelity_samples, fidelity_scores, train_classifier
     from conceptdistill.world.model import build_world_parts
 
     cfg, world_cfg = ctx.cfg, ctx.cfg.world
     datamodule = ctx.datamodule
-    if not hasattr(datamodule, "caption_dataset"):
+    if not isinstance(datamodule, ShapesWorldDataModule):
         raise RuntimeError("stage world trains the shapes world's model; it needs data=shapes (the shapes world)")
     folder = ctx.stage_dir("world")
     shapes, colours = list(datamodule.world.shapes), list(datamodule.world.colours)

@@ -221,6 +221,16 @@ class ShapesWorldDataModule(ConceptDataModule):
             )
         return self._datasets[split]
 
+    def records(self, split: Split) -> None:
+        """None: the shapes world is generated, so it lists no files (raises ValueError for an unknown split)."""
+        if split not in SPLIT_OFFSETS:
+            raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
+        return None
+
+    def stats(self) -> dict:
+        """{}: nothing is read from disk, so nothing is skipped or converted."""
+        return {}
+
     def caption_dataset(self, num: int, seed: int | None = None) -> CaptionedWorldDataset:
         """Captioned images of every kind for training the world's diffusion model (seed defaults to ours)."""
         return CaptionedWorldDataset(self.world, num, self.seed if seed is None else seed)
