@@ -7,7 +7,10 @@ conventions (1-based inclusive corners in MATLAB/VOC files, x/y/w/h in CSVs) int
 Pixel conventions: "resize" stretches to size x size (aspect not kept, the paper's); "pad" centres the image on
 a square canvas (image: the pad value, mask: background) and then resizes, so aspect is kept. The image is
 resampled with antialiased bicubic interpolation and clamped to [0, 1]; masks use nearest-exact (the pixel
-whose centre is nearest), which is the same rule `boxes_to_mask` applies to boxes.
+whose centre is nearest), which is the same rule `boxes_to_mask` applies to boxes. All three move together
+as torchvision tv_tensors (Image, Mask, BoundingBoxes) through torchvision.transforms.v2 (pad, then resize).
+torchvision scales boxes by float32 factors, so box edges may differ from exact arithmetic by about 1e-7 of
+their value; an edge lying exactly on a pixel centre can then fall to the neighbouring pixel.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 ResizeMode = Literal["resize", "pad"]
 RESIZE_MODES = ("resize", "pad")
@@ -58,30 +63,35 @@ def boxes_to_mask(h: int, w: int, boxes: Iterable[Sequence[float]] | np.ndarray 
     return mask
 
 
-def _pad_geometry(h: int, w: int, mode: str) -> tuple[int, int, int]:
-    """(side, top, left) of the square canvas that holds the (h, w) image; for "resize" side is unused."""
+def _padding(h: int, w: int, mode: str) -> list[int]:
+    """[left, top, right, bottom] that centres an (h, w) image on a square ("pad"); zeros for "resize"."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
     if mode == "resize":
-        return 0, 0, 0
+        return [0, 0, 0, 0]
     side = max(h, w)
-    return side, (side - h) // 2, (side - w) // 2
+    top, left = (side - h) // 2, (side - w) // 2
+    return [left, top, side - w - left, side - h - top]
+
+
+def _to_square(item, padding: list[int], size: int, interpolation: InterpolationMode, fill: float = 0.0):
+    """Pad (when `padding` is not all zero) and resize one tv_tensor to size x size."""
+    if any(padding):
+        item = TF.pad(item, padding, fill=fill)
+    return TF.resize(item, [size, size], interpolation=interpolation, antialias=True)  # a no-op at size
+
+
+def _box_tensor(boxes, hw: tuple[int, int]) -> tv_tensors.BoundingBoxes:
+    # no clamping: boxes may leave the image, and boxes_to_mask clips them where it rasterises
+    return tv_tensors.BoundingBoxes(torch.from_numpy(as_boxes(boxes)), format="XYXY", canvas_size=hw,
+                                    clamping_mode=None)
 
 
 def transform_boxes(boxes, hw: tuple[int, int], size: int, mode: ResizeMode = "resize") -> np.ndarray:
-    """Map boxes given on an (h, w) image to the size x size output of `resize_image_and_mask`."""
-    h, w = hw
-    boxes = as_boxes(boxes).copy()
-    side, top, left = _pad_geometry(h, w, mode)
-    if mode == "resize":
-        sx, sy = size / w, size / h
-        offx = offy = 0.0
-    else:
-        sx = sy = size / side
-        offx, offy = float(left), float(top)
-    boxes[:, [0, 2]] = (boxes[:, [0, 2]] + offx) * sx
-    boxes[:, [1, 3]] = (boxes[:, [1, 3]] + offy) * sy
-    return boxes
+    """Map boxes (N, 4) given on an (h, w) image to the size x size output of `resize_image_and_mask`:
+    float64 (N, 4). Raises ValueError for an unknown mode."""
+    out = _to_square(_box_tensor(boxes, hw), _padding(*hw, mode), size, InterpolationMode.NEAREST)
+    return out.as_subclass(torch.Tensor).numpy()
 
 
 def resize_image_and_mask(
@@ -93,7 +103,8 @@ def resize_image_and_mask(
     boxes=None,
     pad_value: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray | None]:
-    """The one preprocessing step: image (H, W, 3) float [0, 1] (numpy or torch) to a (3, size, size) tensor.
+    """The one preprocessing step: image (H, W, 3) float [0, 1] (numpy or torch) to a (3, size, size) tensor,
+    with its mask and boxes moved the same way (torchvision.transforms.v2 on tv_tensors).
 
     - ``mode="resize"`` (the paper's: everything to 512 x 512) stretches to size x size; aspect is not kept.
     - ``mode="pad"`` pads to a centred square (image: `pad_value`, mask: background) and then resizes, so
@@ -102,37 +113,31 @@ def resize_image_and_mask(
     The image uses antialiased bicubic interpolation (clamped to [0, 1]); the mask (H, W) — which may be at a
     different size from the image, in which case it is taken to cover the same extent — uses nearest-exact.
     `boxes` on the (H, W) image are mapped to the output grid and returned as (N, 4) (None if not given).
-    Returns (image (3, size, size) float32, mask (size, size) bool or None, boxes or None).
+    Returns (image (3, size, size) float32, mask (size, size) bool or None, boxes float64 (N, 4) or None).
+    Raises ValueError for a wrongly shaped image or mask, or an unknown mode.
     """
     img = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
     img = img.to(torch.float32)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3), got {tuple(img.shape)}")
     h, w = int(img.shape[0]), int(img.shape[1])
-    side, top, left = _pad_geometry(h, w, mode)
-    chw = img.permute(2, 0, 1)
-    if mode == "pad" and (side != h or side != w):
-        canvas = torch.full((3, side, side), float(pad_value), dtype=torch.float32)
-        canvas[:, top : top + h, left : left + w] = chw
-        chw = canvas
-    if chw.shape[1] != size or chw.shape[2] != size:
-        chw = F.interpolate(chw[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
-    out_image = chw.clamp_(0.0, 1.0).contiguous()
+    padding = _padding(h, w, mode)
+    out = _to_square(tv_tensors.Image(img.permute(2, 0, 1)), padding, size, InterpolationMode.BICUBIC, pad_value)
+    out_image = out.as_subclass(torch.Tensor).clamp(0.0, 1.0).contiguous()
 
     out_mask = None
     if mask is not None:
-        m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).to(torch.bool)
+        m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).to(torch.uint8)
         if m.ndim != 2:
             raise ValueError(f"mask must be (H, W), got {tuple(m.shape)}")
-        if tuple(m.shape) != (h, w):  # a mask stored at another size covers the same extent as the image
-            m = F.interpolate(m[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0] > 0.5
-        if mode == "pad" and (side != h or side != w):
-            canvas_m = torch.zeros((side, side), dtype=torch.bool)
-            canvas_m[top : top + h, left : left + w] = m
-            m = canvas_m
-        if tuple(m.shape) != (size, size):
-            m = F.interpolate(m[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0] > 0.5
-        out_mask = m.contiguous()
+        m = tv_tensors.Mask(m[None])
+        if tuple(m.shape[-2:]) != (h, w):  # a mask stored at another size covers the same extent as the image
+            m = TF.resize(m, [h, w], interpolation=InterpolationMode.NEAREST_EXACT)
+        m = _to_square(m, padding, size, InterpolationMode.NEAREST_EXACT)
+        out_mask = m.as_subclass(torch.Tensor)[0].to(torch.bool).contiguous()
 
-    out_boxes = transform_boxes(boxes, (h, w), size, mode) if boxes is not None else None
+    out_boxes = None
+    if boxes is not None:
+        out = _to_square(_box_tensor(boxes, (h, w)), padding, size, InterpolationMode.NEAREST)
+        out_boxes = out.as_subclass(torch.Tensor).numpy()
     return out_image, out_mask, out_boxes

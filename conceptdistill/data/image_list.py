@@ -15,7 +15,6 @@ from conceptdistill.data.geometry import (
     as_boxes,
     boxes_to_mask,
     resize_image_and_mask,
-    transform_boxes,
 )
 from conceptdistill.data.scanning import DEFAULT_ID_RULE, ImageRecord, ScanReport, check_unique_ids, scan_records
 
@@ -100,15 +99,18 @@ class ImageListDataset(Dataset):
                 raise UnreadableImageError(
                     f"mask {record.mask} ({mask.shape[1]}x{mask.shape[0]}) does not fit image {record.image} ({w}x{h})"
                 )
-        out_image, out_mask, _ = resize_image_and_mask(image, mask, self.image_size, self.resize_mode)
+        boxes = None
+        if self.truth == "box":
+            boxes = as_boxes(record.boxes)
+            if record.box_frame is not None:  # drawn on a picture of another size: bring them to this one
+                fw, fh = record.box_frame
+                boxes = boxes * np.array([w / fw, h / fh, w / fw, h / fh])
+        out_image, out_mask, out_boxes = resize_image_and_mask(
+            image, mask, self.image_size, self.resize_mode, boxes=boxes
+        )
         sample = {"id": record.id, "image": out_image}
         if self.truth == "mask":
             sample["mask"] = out_mask
         elif self.truth == "box":
-            boxes = as_boxes(record.boxes)
-            if record.box_frame is not None:
-                fw, fh = record.box_frame
-                boxes = boxes * np.array([w / fw, h / fh, w / fw, h / fh])
-            boxes = transform_boxes(boxes, (h, w), self.image_size, self.resize_mode)
-            sample["mask"] = torch.from_numpy(boxes_to_mask(self.image_size, self.image_size, boxes))
+            sample["mask"] = torch.from_numpy(boxes_to_mask(self.image_size, self.image_size, out_boxes))
         return sample
