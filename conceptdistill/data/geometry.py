@@ -43,6 +43,8 @@ def boxes_to_mask(h: int, w: int, boxes: Iterable[Sequence[float]] | np.ndarray 
     A pixel is inside when its centre (c + 0.5, r + 0.5) lies in [x0, x1) x [y0, y1), so resizing a box and
     rasterising it agrees with nearest-neighbour resizing of the box's mask. A box whose sides are positive
     but smaller than one pixel still marks the pixel holding its centre, so no box ever vanishes.
+    Boxes with x1 < x0 (or y1 < y0) are read with their corners swapped; boxes are clipped to the grid.
+    This is the package's only box rasteriser: the box-scored readers' truth masks and the metric tests use it.
     """
     mask = np.zeros((h, w), dtype=bool)
     for x0, y0, x1, y1 in as_boxes(boxes):
