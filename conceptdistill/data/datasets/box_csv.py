@@ -94,14 +94,6 @@ class BoxCSVDataModule(FileDataModule):
             raise self.layout_error(problem, root)
         return CSVLayout(csv_path, path_column)
 
-    @property
-    def csv_path(self) -> Path:
-        return self.found.csv_path
-
-    @property
-    def path_column(self) -> str:
-        return self.found.path_column
-
     # --- hooks
     def _keep_row(self, row: dict) -> bool:
         return True
@@ -118,10 +110,10 @@ class BoxCSVDataModule(FileDataModule):
         """Every image of the CSV as a record with the union of its boxes, per split (read once)."""
         grouped: dict[str, dict] = {}
         c0, c1, c2, c3 = self.box_columns
-        with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
+        with open(self.found.csv_path, newline="", encoding="utf-8-sig") as handle:
             for row in csv.DictReader(handle):
                 row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                value = row.get(self.path_column, "")
+                value = row.get(self.found.path_column, "")
                 if not value or not self._keep_row(row):
                     continue
                 entry = grouped.setdefault(value, {"boxes": [], "split": None, "frame": self._row_frame(row)})

@@ -65,7 +65,7 @@ class ChestXrayDataModule(BoxCSVDataModule):
 
     def _resolve_image(self, value: str) -> Path:
         base = self.root / self.images_dir_name
-        if self.path_column == "dicom_id":
+        if self.found.path_column == "dicom_id":
             return self._stems.get(value, base / f"{value}.jpg")
         path = base / value
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
