@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from conceptdistill.utils.io import atomic_write
+from conceptdistill.utils.io import atomic_write, to_uint8
 
 
 def to_rgb_uint8(picture: np.ndarray) -> np.ndarray:
@@ -23,9 +23,7 @@ def to_rgb_uint8(picture: np.ndarray) -> np.ndarray:
             low, high = float(array.min()), float(array.max())
             array = (array - low) / (high - low) if high > low else np.zeros_like(array)
         array = np.repeat(array[..., None], 3, axis=-1)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return array
+    return to_uint8(array)
 
 
 def grid_image(columns: dict[str, list[np.ndarray]], *, cell: int = 96, pad: int = 2, header: int = 14) -> Image.Image:

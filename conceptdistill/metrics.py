@@ -28,7 +28,6 @@ __all__ = [
     "all_foreground_scores",
     "attention_auc",
     "best_centre_box_scores",
-    "box_to_mask",
     "mean_iou_per_image",
     "pooled_counts",
     "scores_from_counts",
@@ -309,19 +308,3 @@ def all_foreground_scores(truths: Masks) -> dict[str, float]:
     """Pooled scores of predicting every pixel as foreground."""
     masks = _truth_list(truths)
     return scores_from_counts(pooled_counts([np.ones_like(t) for t in masks], masks))
-
-
-def box_to_mask(h: int, w: int, boxes: Iterable[Sequence[float]]) -> np.ndarray:
-    """Union of boxes (x0, y0, x1, y1) rasterised to an (h, w) bool mask; x1/y1 are exclusive.
-
-    Float coordinates are rounded to the nearest pixel boundary; boxes are clipped to the image and empty
-    boxes add nothing.
-    """
-    mask = np.zeros((h, w), dtype=bool)
-    for box in boxes:
-        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-        x0, x1 = max(x0, 0), min(x1, w)
-        y0, y1 = max(y0, 0), min(y1, h)
-        if x1 > x0 and y1 > y0:
-            mask[y0:y1, x0:x1] = True
-    return mask

@@ -14,28 +14,17 @@ from scipy.io import savemat
 from trees import make_cars, make_chest_xray, make_cub, make_dogs, make_h36m, write_image
 
 from conceptdistill.data.base import collate_samples
-from conceptdistill.data.images import (
-    ImageListDataset,
-    ImageRecord,
-    UnreadableImageError,
-    boxes_to_mask,
-    load_mask,
-    load_rgb,
-    pil_to_rgb_array,
-    resize_image_and_mask,
-    scan_records,
-    transform_boxes,
-)
-from conceptdistill.data.readers import (
-    ChestXrayDataModule,
-    CUBDataModule,
-    DatasetLayoutError,
-    Human36MDataModule,
-    ImageFolderDataModule,
-    StanfordCarsDataModule,
-    StanfordDogsDataModule,
-    hash_split,
-)
+from conceptdistill.data.datasets.chest_xray import ChestXrayDataModule
+from conceptdistill.data.datasets.cub import CUBDataModule
+from conceptdistill.data.datasets.human36m import Human36MDataModule
+from conceptdistill.data.datasets.image_folder import ImageFolderDataModule
+from conceptdistill.data.datasets.stanford_cars import StanfordCarsDataModule
+from conceptdistill.data.datasets.stanford_dogs import StanfordDogsDataModule
+from conceptdistill.data.decoding import UnreadableImageError, load_mask, load_rgb, pil_to_rgb_array
+from conceptdistill.data.geometry import boxes_to_mask, resize_image_and_mask, transform_boxes
+from conceptdistill.data.image_list import ImageListDataset
+from conceptdistill.data.readers import DatasetLayoutError, hash_split
+from conceptdistill.data.scanning import ImageRecord, scan_records
 
 SIZE = 16
 ENV_VARS = ["CUB_ROOT", "CUB_SEGMENTATIONS_ROOT", "STANFORD_DOGS_ROOT", "STANFORD_CARS_ROOT", "HUMAN36M_ROOT",

@@ -18,8 +18,10 @@ import torch
 from PIL import Image, ImageOps
 from trees import make_messy_folder, write_image, write_oriented_jpeg
 
-from conceptdistill.data.images import ImageListDataset, ImageRecord, image_size, load_mask, load_rgb, scan_records
-from conceptdistill.data.readers import ImageFolderDataModule
+from conceptdistill.data.datasets.image_folder import ImageFolderDataModule
+from conceptdistill.data.decoding import image_size, load_mask, load_rgb
+from conceptdistill.data.image_list import ImageListDataset
+from conceptdistill.data.scanning import ImageRecord, scan_records
 from conceptdistill.utils.io import save_array, save_mask_png, write_json
 
 SIZE = 16
@@ -230,7 +232,7 @@ def test_colliding_sample_ids_name_every_file_and_the_rule(tmp_path, names):
 
 
 def test_duplicate_ids_are_found_before_any_file_is_decoded(tmp_path, monkeypatch):
-    import conceptdistill.data.images as images
+    import conceptdistill.data.scanning as images
 
     records = [ImageRecord("x", tmp_path / "x.jpg"), ImageRecord("x", tmp_path / "x.png")]
     monkeypatch.setattr(images, "_probe", lambda path: pytest.fail("decoded before checking ids"))

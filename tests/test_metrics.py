@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from conceptdistill.data.geometry import boxes_to_mask as box_to_mask
 from conceptdistill.maskmath import centre_box_mask
 from conceptdistill.metrics import (
     SegmentationScores,
@@ -17,7 +18,6 @@ from conceptdistill.metrics import (
     all_foreground_scores,
     attention_auc,
     best_centre_box_scores,
-    box_to_mask,
     mean_iou_per_image,
     pooled_counts,
     scores_from_counts,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conceptdistill.data.base import collate_samples
+from conceptdistill.utils.io import to_uint8
 from conceptdistill.world.datamodule import CaptionedWorldDataset, ShapesWorldDataModule
 from conceptdistill.world.figures import save_world_grid
 from conceptdistill.world.render import (
@@ -17,7 +18,6 @@ from conceptdistill.world.render import (
     concept_mask,
     render_batch,
     render_sample,
-    to_uint8,
 )
 
 MULTI = WorldConfig(min_objects=2, max_objects=3, p_empty=0.0)

@@ -12,33 +12,71 @@ Ground truth is used for evaluation only, never for training (except the supervi
 
 from __future__ import annotations
 
-from typing import Literal
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+if TYPE_CHECKING:
+    from conceptdistill.data.scanning import ImageRecord
+
 Split = Literal["train", "val", "test"]
 TruthKind = Literal["mask", "box"] | None
 
 
-class ConceptDataModule(pl.LightningDataModule):
-    """Base class: subclasses implement `dataset(split)` and set `truth`."""
+class ConceptDataModule(pl.LightningDataModule, ABC):
+    """The contract every data module keeps; the stages, the runner and the evaluation rely on nothing else.
 
-    #: what "mask" means in the samples: exact masks, rasterised boxes, or absent
-    truth: TruthKind = None
+    Subclasses implement `dataset`, `records` and `stats`, and set `truth`. Members:
+
+    - `truth` (class attribute, or set per instance before use): "mask" when samples carry an exact mask,
+      "box" when their "mask" is the union of annotated boxes rasterised at `image_size` (scored as the paper
+      scores box data sets), None when samples carry no "mask" (nothing to score against).
+    - `image_size`: int, the side of every sample's square image and mask (pixels).
+    - `batch_size`, `num_workers`: the defaults `loader` uses.
+    - `dataset(split)`, `loader(...)`, `records(split)`, `stats()`: see each.
+    """
+
+    #: what "mask" means in the samples: exact masks ("mask"), rasterised boxes ("box"), or absent (None)
+    truth: ClassVar[TruthKind] = None
 
     def __init__(self, *, image_size: int, batch_size: int = 16, num_workers: int = 0) -> None:
         super().__init__()
+        #: side of every sample's square image and mask, in pixels
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
 
+    @abstractmethod
     def dataset(self, split: Split) -> Dataset:
-        raise NotImplementedError
+        """The map-style data set of `split` ("train", "val" or "test"), built once and then reused.
+
+        Each item is the sample dict of the module doc: "id" str, "image" float32 (3, image_size, image_size)
+        in [0, 1], "mask" bool (image_size, image_size) when `truth` is not None, "caption" str where the data
+        set has one. Raises ValueError for another split name; real-data readers raise `DatasetLayoutError`
+        (a FileNotFoundError) for a missing or malformed annotation file met while listing.
+        """
+
+    @abstractmethod
+    def records(self, split: Split) -> list[ImageRecord] | None:
+        """The files a split lists, before the setup scan drops unusable ones (`ImageRecord`s: id, image path,
+        mask path, boxes), in a deterministic order; None for generated data, which has no files. Used to
+        fingerprint the data (a file replaced on disk invalidates finished work). Raises ValueError for an
+        unknown split."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Per split built so far: {"kept", "skipped", "converted": int, "converted_modes": {mode: int},
+        "skipped_paths": [str], and "skipped_kinds": {kind: int} when something was skipped}, so a stage can
+        report what the setup scan dropped; kept + skipped = the records listed. {} for generated data, where
+        nothing is read from disk."""
 
     def loader(self, dataset: Dataset, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
-        """A loader over any data set of this module's samples (a split, or a subset of one)."""
+        """A DataLoader over any data set of this module's samples (a split, or a subset of one), with this
+        module's workers and `collate_samples`: batches hold "image" float32 (B, 3, S, S), "mask" bool (B, S, S)
+        where every sample has one, and lists of the strings. `batch_size` defaults to the module's."""
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
@@ -49,6 +87,7 @@ class ConceptDataModule(pl.LightningDataModule):
         )
 
     def dataloader(self, split: Split, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        """`loader` over `dataset(split)`."""
         return self.loader(self.dataset(split), shuffle=shuffle, batch_size=batch_size)
 
     def train_dataloader(self) -> DataLoader:

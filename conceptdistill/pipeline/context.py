@@ -92,8 +92,8 @@ class RunContext:
     def data_fingerprint(self) -> str | None:
         """Hash of the data set's files as listed (id, path, size, modification time of each image and mask),
         so that files replaced or added under a data root invalidate finished work; None for generated data."""
-        records = getattr(self.datamodule, "records", None)
-        if records is None:
+        records = self.datamodule.records
+        if records("test") is None:  # generated data lists no files
             return None
         hasher = hashlib.sha256()
         for split in ("train", "val", "test"):

@@ -5,7 +5,7 @@ input folder without its extension, with '/' replaced by '__' and every other ch
 [A-Za-z0-9._+-] by '_' (`a/b.jpg` -> `a__b.png`, `c d.jpg` -> `c_d.png`). Two images with one id stop the
 stage before any model work. Every entry of the input folder is kept or skipped and counted (unreadable
 images, non-image files, broken links ...), as the data readers do. The readers load each image as displayed
-(EXIF orientation applied); `conceptdistill.data.images.image_size(path)` gives that (height, width), the
+(EXIF orientation applied); `conceptdistill.data.decoding.image_size(path)` gives that (height, width), the
 size a mask must be written at to lie on its image.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptdistill.data.images import image_size
-from conceptdistill.data.readers import ImageFolderDataModule
+from conceptdistill.data.datasets.image_folder import ImageFolderDataModule
+from conceptdistill.data.decoding import image_size
 from conceptdistill.maskmath import upsample_mask
 from conceptdistill.modules.segmenter import SegmentationModel
 from conceptdistill.pipeline.artifacts import ArtifactStore, SampleWriter, pending

@@ -86,9 +86,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def to_uint8(picture: np.ndarray) -> np.ndarray:
+    """The one 8-bit quantisation of pictures: float in [0, 1] (clipped first) or bool -> uint8 0..255, rounded to
+    nearest (x * 255 + 0.5, truncated); uint8 is returned as it is. Same shape; any shape."""
+    array = np.asarray(picture)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        array = array.astype(np.float32)
+    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def save_mask_png(path: str | os.PathLike, mask: np.ndarray) -> None:
     """Save a boolean (H, W) mask as a black/white 8-bit PNG that any image viewer opens."""
-    image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
+    image = Image.fromarray(to_uint8(np.asarray(mask, dtype=bool)), mode="L")
     with atomic_write(path) as handle:
         image.save(handle, format="PNG")
 
@@ -99,11 +110,8 @@ def load_mask_png(path: str | os.PathLike) -> np.ndarray:
 
 def save_image_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Save an RGB image given as float (H, W, 3) in [0, 1] or uint8."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     with atomic_write(path) as handle:
-        Image.fromarray(array, mode="RGB").save(handle, format="PNG")
+        Image.fromarray(to_uint8(image), mode="RGB").save(handle, format="PNG")
 
 
 def load_image_png(path: str | os.PathLike) -> np.ndarray:

@@ -212,10 +212,6 @@ class ShapesWorldDataModule(ConceptDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Nothing to download; data sets are rendered on first use by `dataset(split)`."""
 
-    def stats(self) -> dict:
-        """Generated images: nothing is ever skipped or converted."""
-        return {}
-
     def dataset(self, split: Split) -> WorldArrayDataset:
         if split not in SPLIT_OFFSETS:
             raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
@@ -224,6 +220,16 @@ class ShapesWorldDataModule(ConceptDataModule):
                 self.world, self.concept_words, self.seed, self.sizes[split], SPLIT_OFFSETS[split], split
             )
         return self._datasets[split]
+
+    def records(self, split: Split) -> None:
+        """None: the shapes world is generated, so it lists no files (raises ValueError for an unknown split)."""
+        if split not in SPLIT_OFFSETS:
+            raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
+        return None
+
+    def stats(self) -> dict:
+        """{}: nothing is read from disk, so nothing is skipped or converted."""
+        return {}
 
     def caption_dataset(self, num: int, seed: int | None = None) -> CaptionedWorldDataset:
         """Captioned images of every kind for training the world's diffusion model (seed defaults to ours)."""

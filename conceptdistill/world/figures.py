@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from conceptdistill.utils.io import atomic_write
+from conceptdistill.utils.io import atomic_write, to_uint8
 from conceptdistill.world.render import WorldSample
 
 #: tints for the objects' masks in the overlay, in drawing order
@@ -68,6 +68,6 @@ def save_world_grid(
         for k, tile in enumerate((np.clip(image, 0.0, 1.0), mask_overlay(np.clip(image, 0.0, 1.0), masks))):
             big = np.kron(tile, np.ones((scale, scale, 1)))
             canvas[y + k * cell_h : y + k * cell_h + height * scale, x : x + width * scale] = big
-    pixels = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    pixels = to_uint8(canvas)
     with atomic_write(path) as handle:
         Image.fromarray(pixels, mode="RGB").save(handle, format="PNG")

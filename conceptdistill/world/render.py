@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from conceptdistill.utils.io import to_uint8
+
 #: saturated, mutually distinct object colours (RGB in [0, 1])
 DEFAULT_COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.10, 0.10),
@@ -364,11 +366,6 @@ def render_sample(config: WorldConfig | None, seed: int, index: int) -> WorldSam
     config = config or WorldConfig()
     image, objects = _render(config, seed, index)
     return WorldSample(image.astype(np.float32), objects, caption_for(objects), int(seed), int(index))
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Quantise float images in [0, 1] to uint8 (round to nearest)."""
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def render_batch(config: WorldConfig | None, seed: int, indices: Iterable[int]) -> RenderedBatch:
