@@ -15,7 +15,7 @@ from conceptdistill.diffusion.attention import (
     capture_cross_attention,
     cross_attention_layers,
 )
-from conceptdistill.diffusion.loading import DiffusionParts
+from conceptdistill.diffusion.parts import DiffusionParts
 from conceptdistill.diffusion.tiny import build_tiny_parts
 from conceptdistill.diffusion.tokenizer import concept_token_indices
 

@@ -159,7 +159,7 @@ def test_an_image_size_the_vae_cannot_take_is_refused_before_any_work(tmp_path):
 
 # ----- 4. non-finite numbers ---------------------------------------------------------------------------------
 def test_a_nan_latent_skips_that_image_everywhere_and_is_counted(tmp_path, monkeypatch):
-    from conceptdistill.diffusion.loading import DiffusionParts
+    from conceptdistill.diffusion.parts import DiffusionParts
     from conceptdistill.world.datamodule import ShapesWorldDataModule
 
     cfg = compose(["data.num_train=8", "data.num_test=4"])
@@ -190,7 +190,7 @@ def test_a_nan_latent_skips_that_image_everywhere_and_is_counted(tmp_path, monke
 
 
 def test_a_nonfinite_loss_stops_finetuning_with_step_and_ids_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from conceptdistill.diffusion.loading import DiffusionParts
+    from conceptdistill.diffusion.parts import DiffusionParts
 
     model = saved(tmp_path)
     shapes_run(tmp_path, model, stages=["masks"])

@@ -11,8 +11,13 @@ Adapters (config `finetune.adapter`):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from conceptdistill.diffusion.parts import DiffusionParts
+
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTERS = ("lora", "full", "inpaint9")
@@ -100,7 +105,7 @@ def save_finetuned(unet, adapter: str, folder: str | Path) -> Path:
     return folder / "unet"
 
 
-def load_finetuned(parts, folder: str | Path):
+def load_finetuned(parts: DiffusionParts, folder: str | Path) -> DiffusionParts:
     """Apply what `save_finetuned` wrote to a freshly loaded `DiffusionParts` set (in place); returns it.
 
     Raises:

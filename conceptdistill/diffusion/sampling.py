@@ -8,14 +8,19 @@ device count), latent blending with a re-noised known region at every step, conc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from conceptdistill.checks import SettingsError, check_grid_range
-from conceptdistill.utils.seeding import randn_per_sample
+
+if TYPE_CHECKING:
+    from conceptdistill.diffusion.parts import DiffusionParts
 
 
-def ddim_scheduler(parts, steps: int, setting: str = "num_steps") -> DDIMScheduler:
+def ddim_scheduler(parts: DiffusionParts, steps: int, setting: str = "num_steps") -> DDIMScheduler:
     """A DDIM scheduler (eta 0) with the model's own noise schedule, prediction type (epsilon or v) and
     clipping settings, whatever scheduler class the model folder names.
 
@@ -60,7 +65,7 @@ def sample_latents(
     (C, h, w), e.g. `parts.latent_shape_for(image_size)`: any size the VAE accepts, not only the native one."""
     shape = tuple(latent_shape)
     scheduler = ddim_scheduler(parts, steps)
-    latents = randn_per_sample(generators, shape, device=parts.device, dtype=parts.dtype)
+    latents = randn_tensor((len(generators), *shape), generator=generators, device=parts.device, dtype=parts.dtype)
     latents = latents * scheduler.init_noise_sigma
     text = parts.encode_prompts(prompts)
     uncond = parts.encode_prompts([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
@@ -86,7 +91,7 @@ def inpaint_latents(
     mask = unknown_mask.to(device=parts.device, dtype=parts.dtype)
     known_latents = known_latents.to(device=parts.device, dtype=parts.dtype)
     shape = tuple(known_latents.shape[1:])
-    latents = randn_per_sample(generators, shape, device=parts.device, dtype=parts.dtype) * scheduler.init_noise_sigma
+    latents = randn_tensor((len(generators), *shape), generator=generators, device=parts.device, dtype=parts.dtype) * scheduler.init_noise_sigma
     text = parts.encode_prompts(prompts)
     uncond = parts.encode_prompts([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
     extra = torch.cat([mask, known_latents * (1 - mask)], dim=1) if parts.unet_in_channels > shape[0] else None
@@ -95,7 +100,7 @@ def inpaint_latents(
         noise = predict_noise(parts, scheduler.scale_model_input(latents, t), t, text, uncond, guidance_scale, extra)
         latents = _denoise(scheduler, noise, t, latents, last=index + 1 == len(timesteps))
         if index + 1 < len(timesteps):
-            fresh = randn_per_sample(generators, shape, device=parts.device, dtype=parts.dtype)
+            fresh = randn_tensor((len(generators), *shape), generator=generators, device=parts.device, dtype=parts.dtype)
             known = scheduler.add_noise(known_latents, fresh, timesteps[index + 1 : index + 2])
         else:
             known = known_latents
@@ -111,7 +116,7 @@ def _denoise(scheduler: DDIMScheduler, noise: torch.Tensor, t, latents: torch.Te
     return output.pred_original_sample if last else output.prev_sample
 
 
-def _text_to_image_extra_input(parts, latents: torch.Tensor) -> torch.Tensor | None:
+def _text_to_image_extra_input(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor | None:
     """For a 9-channel UNet, plain sampling means 'repaint everything': mask of ones, empty masked latent."""
     if parts.unet_in_channels <= latents.shape[1]:
         return None

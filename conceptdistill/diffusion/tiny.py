@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from conceptdistill.diffusion.loading import DiffusionParts
+from conceptdistill.diffusion.parts import DiffusionParts
 from conceptdistill.diffusion.tokenizer import write_word_tokenizer
 
 DEFAULT_WORDS: tuple[str, ...] = (

@@ -9,11 +9,16 @@ Each training sample gets one of two tasks by a seeded coin:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from conceptdistill.maskmath import rectangle_rules_for, sample_background_rectangle
 from conceptdistill.modules.text_to_image import TextToImageTrainer, masked_mse
+
+if TYPE_CHECKING:
+    from conceptdistill.diffusion.parts import DiffusionParts
 
 
 class ConceptDistillationFineTuner(TextToImageTrainer):
@@ -26,7 +31,7 @@ class ConceptDistillationFineTuner(TextToImageTrainer):
 
     def __init__(
         self,
-        parts,
+        parts: DiffusionParts,
         *,
         background_probability: float = 0.5,
         foreground_prompt: str = "a photo of a thing",

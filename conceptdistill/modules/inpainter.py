@@ -7,21 +7,26 @@ M_pre where the image differs from its background: M = up(M_pre) AND threshold(m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from conceptdistill.diffusion.loading import register_parts
+from conceptdistill.diffusion.parts import register_parts
 from conceptdistill.diffusion.sampling import ddim_scheduler, inpaint_latents
 from conceptdistill.maskmath import refine_mask, upsample_mask
 from conceptdistill.utils.seeding import sample_generators
+
+if TYPE_CHECKING:
+    from conceptdistill.diffusion.parts import DiffusionParts
 
 
 class BackgroundInpainter(pl.LightningModule):
     """predict_step: images + M_pre -> per image the background B and the refined mask M."""
 
     def __init__(
-        self, parts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str | None = "",
+        self, parts: DiffusionParts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str | None = "",
         filter_size: int = 3, close_holes: bool = False, closing_size: int = 3, seed: int = 0,
     ) -> None:
         super().__init__()

@@ -8,6 +8,8 @@ A GMM-midpoint threshold and a majority filter turn A into the mask M_pre (laten
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -15,10 +17,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from conceptdistill.checks import check_grid_range, check_timestep_grid
 from conceptdistill.diffusion.attention import AttentionStore, capture_cross_attention
-from conceptdistill.diffusion.loading import register_parts
+from conceptdistill.diffusion.parts import register_parts
 from conceptdistill.diffusion.tokenizer import concept_token_indices
 from conceptdistill.maskmath import binarize_map, close_and_fill_holes
 from conceptdistill.utils.seeding import sample_generators
+
+if TYPE_CHECKING:
+    from conceptdistill.diffusion.parts import DiffusionParts
+
 
 #: why an image has no M_pre: a NaN/inf latent (e.g. a float16 VAE overflow) makes every map of it NaN
 NONFINITE_MAP = "non-finite attention map (its latent or the UNet's activations are NaN or inf)"
@@ -49,7 +55,7 @@ class AttentionMaskGenerator(pl.LightningModule):
     reason when A is not finite."""
 
     def __init__(
-        self, parts, *, prompt: str, concept: list[str], num_steps: int = 50, start_step: int = 40,
+        self, parts: DiffusionParts, *, prompt: str, concept: list[str], num_steps: int = 50, start_step: int = 40,
         layers: list[str] | None = None, filter_size: int = 3, polarity: str = "high", fill_holes: bool = False,
         closing_size: int = 3, seed: int = 0,
     ) -> None:

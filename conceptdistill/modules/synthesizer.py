@@ -8,14 +8,21 @@ whatever the number of devices or the batch size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from conceptdistill.diffusion.loading import register_parts
+from conceptdistill.diffusion.parts import register_parts
 from conceptdistill.diffusion.sampling import ddim_scheduler, sample_latents
 from conceptdistill.pipeline.artifacts import SampleIds
 from conceptdistill.utils.seeding import sample_generators
+
+if TYPE_CHECKING:
+    from conceptdistill.diffusion.parts import DiffusionParts
+    from conceptdistill.modules.inpainter import BackgroundInpainter
+    from conceptdistill.modules.masker import AttentionMaskGenerator
 
 
 class SyntheticIds(SampleIds):
@@ -28,7 +35,7 @@ class SyntheticIds(SampleIds):
 class SyntheticSetGenerator(pl.LightningModule):
     """predict_step: ids -> (image, M_pre, background, mask, foreground) per id."""
 
-    def __init__(self, parts, masker, inpainter, *, prompt: str, negative_prompt: str, num_steps: int,
+    def __init__(self, parts: DiffusionParts, masker: AttentionMaskGenerator, inpainter: BackgroundInpainter, *, prompt: str, negative_prompt: str, num_steps: int,
                  guidance_scale: float, image_size: int, seed: int) -> None:
         super().__init__()
         self.parts = parts

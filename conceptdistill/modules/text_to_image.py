@@ -10,6 +10,7 @@ noise the latent with the model's forward process, regress the UNet's output on 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytorch_lightning as pl
@@ -17,8 +18,11 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from conceptdistill.diffusion.adapters import NonFiniteLossError, add_adapter, save_finetuned
-from conceptdistill.diffusion.loading import register_parts
+from conceptdistill.diffusion.parts import register_parts
 from conceptdistill.utils.seeding import sample_generators, sample_seed
+
+if TYPE_CHECKING:
+    from conceptdistill.diffusion.parts import DiffusionParts
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,7 +47,7 @@ class TextToImageTrainer(pl.LightningModule):
 
     def __init__(
         self,
-        parts,
+        parts: DiffusionParts,
         *,
         adapter: str = "lora",
         lora_rank: int = 4,

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from conceptdistill.data.base import ConceptDataModule
-    from conceptdistill.diffusion.loading import DiffusionParts
+    from conceptdistill.diffusion.parts import DiffusionParts
 
 __all__ = ["RunContext", "command_line", "finish_loggers"]
 
@@ -159,7 +159,8 @@ class RunContext:
         written by this run's finetune stage."""
         import torch
 
-        from conceptdistill.diffusion.loading import check_image_size, load_diffusion_parts
+        from conceptdistill.diffusion.loading import load_diffusion_parts
+        from conceptdistill.diffusion.parts import check_image_size
 
         cfg = self.full_cfg
         on_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()

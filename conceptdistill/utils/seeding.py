@@ -27,15 +27,3 @@ def sample_generator(seed: int, sample_id: str | int, salt: str = "", device: st
 def sample_generators(seed: int, sample_ids: list[str], salt: str = "") -> list[torch.Generator]:
     """One CPU generator per sample; keep them across steps to draw that sample's successive noises."""
     return [sample_generator(seed, sid, salt) for sid in sample_ids]
-
-
-def randn_per_sample(
-    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Stack of standard normal tensors of `shape`, one from each sample's generator.
-
-    Drawn on the CPU and moved, so the values are identical on every kind of device.
-    """
-    draws = [torch.randn(shape, generator=generator) for generator in generators]
-    return torch.stack(draws).to(device=device, dtype=dtype)

@@ -39,7 +39,7 @@ def build_world_parts(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from conceptdistill.diffusion.latent import SpaceToDepthAutoencoder
-    from conceptdistill.diffusion.loading import DiffusionParts
+    from conceptdistill.diffusion.parts import DiffusionParts
     from conceptdistill.diffusion.tokenizer import write_word_tokenizer
 
     torch.manual_seed(seed)

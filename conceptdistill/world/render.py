@@ -23,8 +23,6 @@ How an image is made
 
 from __future__ import annotations
 
-import colorsys
-import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from conceptdistill.utils.io import to_uint8
+from conceptdistill.world.backgrounds import draw_background, pixel_grid
 
 #: saturated, mutually distinct object colours (RGB in [0, 1])
 DEFAULT_COLOURS: dict[str, tuple[float, float, float]] = {
@@ -181,85 +180,6 @@ def caption_for(objects: Sequence[tuple[str, str]] | Sequence[WorldObject]) -> s
 # geometry and background helpers
 
 
-@functools.lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (x, y), each (H, W) float64, in pixel units."""
-    coords = np.arange(size, dtype=np.float64) + 0.5
-    xs, ys = np.meshgrid(coords, coords)
-    xs.setflags(write=False)
-    ys.setflags(write=False)
-    return xs, ys
-
-
-_NOISE_CELLS = 4  # low-frequency value noise: a (cells+1)^2 lattice, bilinearly interpolated
-
-
-@functools.lru_cache(maxsize=8)
-def _upsample_matrix(size: int, cells: int = _NOISE_CELLS) -> np.ndarray:
-    """(size, cells + 1) bilinear interpolation weights from a lattice to pixel centres."""
-    pos = (np.arange(size) + 0.5) / size * cells
-    lo = np.minimum(np.floor(pos).astype(int), cells - 1)
-    frac = pos - lo
-    matrix = np.zeros((size, cells + 1))
-    matrix[np.arange(size), lo] = 1.0 - frac
-    matrix[np.arange(size), lo + 1] = frac
-    matrix.setflags(write=False)
-    return matrix
-
-
-def _muted_colour(rng: np.random.Generator, config: WorldConfig) -> np.ndarray:
-    hue = rng.random()
-    sat = rng.uniform(*config.background_saturation)
-    val = rng.uniform(*config.background_value)
-    return np.array(colorsys.hsv_to_rgb(hue, sat, val))
-
-
-def _background(rng: np.random.Generator, config: WorldConfig) -> np.ndarray:
-    """float64 (H, W, 3). Draws the same numbers whatever the enabled families, then uses what is enabled."""
-    size = config.image_size
-    xs, ys = _grid(size)
-    families = config.backgrounds
-    c1 = _muted_colour(rng, config)
-    c2 = _muted_colour(rng, config)
-    angle = rng.uniform(0.0, 2.0 * math.pi)
-    lattice = rng.uniform(-1.0, 1.0, size=(_NOISE_CELLS + 1, _NOISE_CELLS + 1))
-    noise_amp = rng.uniform(0.02, 0.07)
-    patterns = [None] + [p for p in ("stripes", "checker") if p in families]
-    pattern = patterns[int(rng.integers(len(patterns)))]
-    p_angle = rng.uniform(0.0, math.pi)
-    p_scale = rng.uniform(2.0, 5.0)  # half period of stripes / cell size of checker, in pixels
-    p_contrast = rng.uniform(0.04, 0.12)
-    p_phase = rng.uniform(0.0, 2.0 * p_scale)
-
-    if "gradient" in families:
-        half = size / 2.0
-        proj = (xs - half) * math.cos(angle) + (ys - half) * math.sin(angle)
-        t = 0.5 + proj / (size * math.sqrt(2.0))
-        value = t[..., None] * (c2 - c1) + c1
-    else:
-        value = np.broadcast_to(c1, (size, size, 3)).copy()
-    luminance = np.zeros((size, size))
-    if "noise" in families:
-        m = _upsample_matrix(size)
-        luminance += noise_amp * (m @ lattice @ m.T)
-    if pattern is not None:
-        ca, sa = math.cos(p_angle), math.sin(p_angle)
-        u = xs * ca + ys * sa + p_phase
-        if pattern == "stripes":
-            bits = np.floor(u / p_scale)
-        else:
-            v = -xs * sa + ys * ca + p_phase
-            bits = np.floor(u / p_scale) + np.floor(v / p_scale)
-        luminance += p_contrast * (np.mod(bits, 2.0) - 0.5)
-    value += luminance[..., None]
-    if config.pixel_noise > 0:
-        value += rng.normal(0.0, config.pixel_noise, size=value.shape)
-    else:
-        rng.normal(0.0, 1.0, size=value.shape)  # keep the stream aligned across configs
-    np.clip(value, 0.0, config.background_max, out=value)
-    return value
-
-
 def _shape_geometry(shape: str, radius: float, angle: float) -> tuple[float, np.ndarray | None]:
     """(outer radius, vertices (n, 2) relative to the centre or None for a circle), equal area pi r^2."""
     if shape == "circle":
@@ -272,7 +192,7 @@ def _shape_geometry(shape: str, radius: float, angle: float) -> tuple[float, np.
 
 
 def _shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float, size: int) -> tuple[np.ndarray, float]:
-    xs, ys = _grid(size)
+    xs, ys = pixel_grid(size)
     dx, dy = xs - cx, ys - cy
     outer, verts = _shape_geometry(shape, radius, angle)
     if verts is None:
@@ -301,8 +221,8 @@ def _render(config: WorldConfig, seed: int, index: int) -> tuple[np.ndarray, lis
     """float64 image (H, W, 3) and its objects, drawn from default_rng([seed, index])."""
     rng = np.random.default_rng([int(seed), int(index)])
     size = config.image_size
-    image = _background(rng, config)
-    xs, ys = _grid(size)
+    image = draw_background(rng, config)
+    xs, ys = pixel_grid(size)
 
     empty = rng.random() < config.p_empty
     count = 0 if empty else int(rng.integers(config.min_objects, config.max_objects + 1))
