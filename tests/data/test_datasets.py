@@ -367,7 +367,7 @@ def test_cub_layout_error_names_missing_segmentations(tmp_path):
 
 
 # ================================================================================================ configs
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
 
 
 @pytest.mark.parametrize(

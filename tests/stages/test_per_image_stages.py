@@ -128,6 +128,13 @@ def test_per_image_stage_writes_one_file_per_sample_resumes_and_ignores_batch_ma
     assert ids_of(todo) == [lost]
     predict_into(ctx, case, shards, todo)
     assert len(pending(case.dataset, shards)) == 0
-    for output in case.outputs:
-        assert shards.path(output, lost).read_bytes() == one_go.path(output, lost).read_bytes()
+    # The resumed sample runs in a batch of one, not two: masks are the same bytes, while float kernels may round
+    # differently at another batch shape, which moves an image pixel by at most one 8-bit level (measured: the
+    # synthetic backgrounds, on 0.03% of their values).
+    for output, kind in case.outputs.items():
+        if kind == "mask":
+            assert shards.path(output, lost).read_bytes() == one_go.path(output, lost).read_bytes(), output
+        else:
+            np.testing.assert_allclose(shards.load(output, lost), one_go.load(output, lost), atol=1 / 255 + 1e-6,
+                                       rtol=0, err_msg=output)
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched

@@ -249,7 +249,7 @@ def test_nested_image_id_and_the_documented_rule(tmp_path):
     import conceptdistill.stages.predict as predict
 
     assert "`a/b.jpg` -> `a__b.png`" in predict.__doc__ and "a_b.png" not in predict.__doc__
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "`a/b.jpg` -> `a__b`" in readme
 
 
