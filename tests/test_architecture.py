@@ -167,7 +167,7 @@ def test_a_new_stage_is_one_module_plus_its_config_group(toy_stage, tiny_model, 
     from conceptdistill.runner import run
 
     run_dir = tmp_path / "run"
-    base = [f"model.path={tiny_model}", "data.num_train=4", "data.num_test=4", "logger=none", *TINY_STEPS, *toy_stage]
+    base = [f"diffusion.path={tiny_model}", "data.num_train=4", "data.num_test=4", "logger=none", *TINY_STEPS, *toy_stage]
     summaries = run(compose([*base, "stages=[masks,toy,report]"], run_dir=run_dir))
     fraction = summaries["toy"]["rows"]["toy_fraction"]["iou"]
     assert 0 < fraction < 1

@@ -36,7 +36,7 @@ def test_paper_experiments_use_the_papers_settings():
     assert (cfg.masks.module.num_steps, cfg.masks.module.start_step) == (50, 40)
     assert cfg.finetune.module.learning_rate == pytest.approx(1e-4)
     assert (cfg.segment.image_size, cfg.segment.batch_size, cfg.segment.module.learning_rate) == (128, 32, 2e-3)
-    assert cfg.model.name == "sd14" and cfg.experiment == "cub_birds"
+    assert cfg.diffusion.name == "sd14" and cfg.experiment == "cub_birds"
 
 
 def test_cfg_job_prints_the_composed_config():

@@ -50,8 +50,8 @@ TINY_STEPS = [
 ]
 #: what the paper experiments additionally need on a CPU with 32 px images
 TINY_PAPER = [
-    "trainer=cpu", "model.dtype=float32", "model.batch_size=8",
-    "data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.scan_workers=1",
+    "trainer=cpu", "diffusion.dtype=float32", "diffusion.batch_size=8",
+    "data.image_size=32", "data.num_workers=0", "data.scan_workers=1",
     "finetune.batch_size=4", "finetune.module.warmup_steps=0",
     "segment.image_size=32", "segment.module.encoder_depth=3", "segment.module.decoder_channels=[16,8,4]",
 ]
@@ -103,7 +103,7 @@ def done_records(run_dir: Path) -> dict[str, tuple[int, str]]:
 # ------------------------------------------------------------------------------------------ shapes world
 def test_shapes_world_all_stages_results_file_and_resume(tmp_path, all_words_model):
     run_dir = tmp_path / "run"
-    cfg = compose([f"stages=[{','.join(ALL_STAGES)}]", f"model.path={all_words_model}", "data.num_train=8",
+    cfg = compose([f"stages=[{','.join(ALL_STAGES)}]", f"diffusion.path={all_words_model}", "data.num_train=8",
                    "data.num_test=4", "logger=none", *TINY_STEPS], run_dir=run_dir)
     summaries = run(cfg)
     assert list(summaries) == ALL_STAGES
@@ -146,7 +146,7 @@ def test_wandb_logger_writes_an_offline_run_in_the_run_folder(tmp_path, all_word
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    cfg = compose(["stages=[masks]", "logger=wandb", f"model.path={all_words_model}", "data.num_train=2",
+    cfg = compose(["stages=[masks]", "logger=wandb", f"diffusion.path={all_words_model}", "data.num_train=2",
                    "data.num_test=4", "splits=[test]", *TINY_STEPS], run_dir=run_dir)
     run(cfg)
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -163,7 +163,7 @@ def test_paper_experiment_runs_end_to_end_on_a_tiny_tree(tmp_path, all_words_mod
         pytest.fail(f"experiment {experiment!r} has no tiny data tree: add its builder to TREES (tests/trees.py)")
     root = TREES[experiment](tmp_path / "data")
     run_dir = tmp_path / "run"
-    cfg = compose([f"+experiment={experiment}", f"stages=[{','.join(ALL_STAGES)}]", f"model.path={all_words_model}",
+    cfg = compose([f"+experiment={experiment}", f"stages=[{','.join(ALL_STAGES)}]", f"diffusion.path={all_words_model}",
                    f"data.root={root}", "logger=none", *TINY_STEPS, *TINY_PAPER], run_dir=run_dir)
 
     # the tiny tokenizer holds every concept word as one token, as SD's does for these words
@@ -212,12 +212,12 @@ def test_missing_data_root_is_one_readable_paragraph(tmp_path):
 
 
 def test_missing_model_folder_says_how_to_provide_weights(tmp_path):
-    result = run_cli("model.path=/nonexistent", "stages=[masks]", "logger=none", "data.num_train=2",
+    result = run_cli("diffusion.path=/nonexistent", "stages=[masks]", "logger=none", "data.num_train=2",
                      "data.num_test=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0
     paragraph = next((line for line in result.stderr.splitlines() if "ModelNotFoundError" in line), "")
     assert "'/nonexistent'" in paragraph and "does not exist" in paragraph, result.stderr[-3000:]
-    for expected in ("diffusers layout", "model_index.json", "huggingface-cli download", "model.path="):
+    for expected in ("diffusers layout", "model_index.json", "huggingface-cli download", "diffusion.path="):
         assert expected in paragraph, expected
 
 
@@ -230,7 +230,7 @@ def test_corrupt_grayscale_and_rgba_images_are_skipped_or_converted_and_reported
     write_image(root / "images" / train[2], w=32, h=24, mode="RGBA", seed=12, fmt="PNG")  # RGBA (a PNG named .jpg)
     (root / "images" / train[3]).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG" * 20)  # corrupt
     run_dir = tmp_path / "run"
-    cfg = compose(["+experiment=cub_birds", f"stages=[{','.join(ALL_STAGES)}]", f"model.path={all_words_model}",
+    cfg = compose(["+experiment=cub_birds", f"stages=[{','.join(ALL_STAGES)}]", f"diffusion.path={all_words_model}",
                    f"data.root={root}", "data.val_fraction=0", "logger=none", *TINY_STEPS, *TINY_PAPER],
                   run_dir=run_dir)
     caplog.set_level(logging.INFO, logger="conceptdistill.data")

@@ -54,7 +54,7 @@ def _not_found(source: str, problem: str) -> ModelNotFoundError:
         "whose files are already in the local Hugging Face cache; nothing is downloaded. To provide one, on a "
         "machine with internet run e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir "
         "/path/to/stable-diffusion-v1-4` (accepting the model's licence on the hub first), copy the folder here, "
-        "and point the config at it with `model.path=/path/to/stable-diffusion-v1-4`."
+        "and point the config at it with `diffusion.path=/path/to/stable-diffusion-v1-4`."
     )
 
 
@@ -98,7 +98,7 @@ def _check_family(folder: Path, source: str) -> None:
         family = index.get("_class_name", "a transformer-based pipeline")
         raise UnsupportedModelError(
             f"{source!r} is a {family} (a transformer denoiser, as in Stable Diffusion 3 and FLUX); this version "
-            "supports Stable Diffusion 1.x/2.x-style UNet models (model=sd14, sd15, sd21, sd21_base or a folder "
+            "supports Stable Diffusion 1.x/2.x-style UNet models (diffusion=sd14, sd15, sd21, sd21_base or a folder "
             "with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     if (folder / "text_encoder_2").is_dir():
@@ -138,7 +138,7 @@ def _check_scheduler(folder: Path) -> type:
 
 def _variant_hint(folder: Path, variant: str | None) -> str | None:
     """When weights are missing because they are stored as a variant (``*.fp16.safetensors``), say which
-    `model.variant` to set; None when that is not the problem."""
+    `diffusion.variant` to set; None when that is not the problem."""
     found: set[str] = set()
     for sub in ("unet", "vae", "text_encoder"):
         weights = [p.name for p in (folder / sub).glob("*") if p.suffix in (".safetensors", ".bin")]
@@ -153,7 +153,7 @@ def _variant_hint(folder: Path, variant: str | None) -> str | None:
     current = "not set" if variant is None else f"{variant!r}"
     return (
         f"the weights in {str(folder)!r} are stored as variant(s) {names} (files named *.{sorted(found)[0]}.safetensors) "
-        f"and model.variant is {current}: set model.variant={sorted(found)[0]}"
+        f"and diffusion.variant is {current}: set diffusion.variant={sorted(found)[0]}"
     )
 
 
@@ -194,7 +194,7 @@ def load_diffusion_parts(
     Raises:
         ModelNotFoundError: when the folder or cached snapshot is missing or lacks a part, or a part's weights
             cannot be read; the message says what layout is expected and how to provide the weights (for a
-            folder holding only ``*.<variant>.safetensors`` files: which ``model.variant`` to set).
+            folder holding only ``*.<variant>.safetensors`` files: which ``diffusion.variant`` to set).
         UnsupportedModelError: when the scheduler config names a prediction type other than epsilon or
             v_prediction, a flow-matching scheduler, or the folder holds a transformer (SD 3, FLUX) instead of a
             UNet; the message names the setting found.

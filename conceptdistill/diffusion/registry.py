@@ -10,7 +10,7 @@ PACKAGED_WORLD_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shap
 
 
 def resolve_model_path(model_cfg) -> str:
-    """`model.path` when set (a folder or a cached hub id), else the packaged shapes-world model."""
+    """`diffusion.path` when set (a folder or a cached hub id), else the packaged shapes-world model."""
     path = model_cfg.get("path")
     if path:
         return str(Path(path).expanduser()) if Path(path).expanduser().exists() else str(path)

@@ -86,7 +86,7 @@ class RunContext:
     def model_fingerprint(self) -> str:
         from conceptdistill.diffusion.loading import model_fingerprint
 
-        return model_fingerprint(self.diffusion_source(), revision=self.full_cfg.model.get("revision"))
+        return model_fingerprint(self.diffusion_source(), revision=self.full_cfg.diffusion.get("revision"))
 
     @cached_property
     def data_fingerprint(self) -> str | None:
@@ -145,13 +145,13 @@ class RunContext:
             raise
 
     def diffusion_source(self) -> str:
-        """The diffusion model to use: the one this run's `world` stage trained, else `model.path`."""
+        """The diffusion model to use: the one this run's `world` stage trained, else `diffusion.path`."""
         trained = self.layout.world_model()
         if (trained / "model_index.json").exists():
             return str(trained)
         from conceptdistill.diffusion.registry import resolve_model_path
 
-        return resolve_model_path(self.full_cfg.model)
+        return resolve_model_path(self.full_cfg.diffusion)
 
     def load_parts(self, *, finetuned: bool = False) -> DiffusionParts:
         """The diffusion model's parts on the CPU (Lightning moves them to the device): float32 on the
@@ -164,9 +164,9 @@ class RunContext:
 
         cfg = self.full_cfg
         on_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-        dtype = getattr(torch, str(cfg.model.dtype)) if on_gpu else torch.float32
+        dtype = getattr(torch, str(cfg.diffusion.dtype)) if on_gpu else torch.float32
         parts = load_diffusion_parts(
-            self.diffusion_source(), revision=cfg.model.get("revision"), variant=cfg.model.get("variant"), dtype=dtype,
+            self.diffusion_source(), revision=cfg.diffusion.get("revision"), variant=cfg.diffusion.get("variant"), dtype=dtype,
         )
         check_image_size(parts, cfg.data.image_size)  # before any image is processed
         if finetuned:

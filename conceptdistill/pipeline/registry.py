@@ -32,8 +32,8 @@ from typing import Any
 INFRASTRUCTURE_KEYS = ("run_dir", "experiment", "trainer", "logger", "paths", "stages")
 #: keys that cannot change a stage's results; a change to them never invalidates finished work
 PRESENTATION_KEYS = frozenset({
-    "model.name", "model.path", "model.batch_size",
-    "data.batch_size", "data.num_workers", "data.scan_workers",
+    "diffusion.name", "diffusion.path", "diffusion.batch_size",
+    "data.num_workers", "data.scan_workers",
     "masks.batch_size", "masks.figure_samples",
     "inpaint.batch_size", "inpaint.figure_samples",
     "synthesize.batch_size", "synthesize.figure_samples",

@@ -22,7 +22,7 @@ from conceptdistill.utils.io import write_json
 
 @register_stage(
     "finetune", inputs=("masks",), uses_model=True,
-    settings=("seed", "prompts", "model", "data", "finetune", *TRAINING_HARDWARE),
+    settings=("seed", "prompts", "diffusion", "data", "finetune", *TRAINING_HARDWARE),
     figures={"finetune_samples.png": "samples/step_*.png"},
 )
 def run_finetune(ctx: RunContext) -> dict:

@@ -16,7 +16,7 @@ from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
 @register_stage(
     "inpaint", inputs=("finetune", "masks"), uses_model=True,
-    settings=("seed", "prompts", "model", "data", "splits", "inpaint", *PREDICTION_HARDWARE),
+    settings=("seed", "prompts", "diffusion", "data", "splits", "inpaint", *PREDICTION_HARDWARE),
     rows={"refined_masks": "refined masks M"},
     figures={"inpaint_grid.png": "inpaint_grid.png"},
 )

@@ -16,7 +16,7 @@ from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
 @register_stage(
     "masks", uses_model=True,
-    settings=("seed", "concept", "prompts.foreground", "model", "data", "splits", "masks", *PREDICTION_HARDWARE),
+    settings=("seed", "concept", "prompts.foreground", "diffusion", "data", "splits", "masks", *PREDICTION_HARDWARE),
     rows={"baseline_all_foreground": "baseline: all foreground", "baseline_centre_box": "baseline: best centred square",
           "preliminary_masks": "preliminary masks M_pre"},
     figures={"masks_grid.png": "masks_grid.png"},

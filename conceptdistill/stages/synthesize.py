@@ -28,7 +28,7 @@ def build_generator(cfg, parts):
 @register_stage(
     "synthesize", inputs=("finetune",), uses_model=True,
     # it draws images, then runs the masks and inpaint logic on them: it reads those stages' settings too
-    settings=("seed", "concept", "prompts", "model", "data.image_size", "masks", "inpaint", "synthesize",
+    settings=("seed", "concept", "prompts", "diffusion", "data.image_size", "masks", "inpaint", "synthesize",
               *PREDICTION_HARDWARE),
     figures={"synthetic_grid.png": "synthetic_grid.png"},
 )

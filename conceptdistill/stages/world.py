@@ -37,7 +37,7 @@ FIDELITY_KEYS = ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "backgr
                  "classifier_accuracy", "fidelity_settings")
 
 
-@register_stage("world", settings=("seed", "data", "world", "model.batch_size", *TRAINING_HARDWARE),
+@register_stage("world", settings=("seed", "data", "world", "diffusion.batch_size", *TRAINING_HARDWARE),
                 figures={"world_samples.png": "samples_grid.png"})
 def run_world(ctx: RunContext) -> dict:
     from conceptdistill.diffusion.loading import save_diffusion_parts
@@ -81,7 +81,7 @@ def run_world(ctx: RunContext) -> dict:
     drawn = draw_fidelity_samples(
         parts, classifier.to(parts.device), shapes=shapes, colours=colours, num_samples=fid.num_samples,
         num_background_samples=fid.num_background_samples, steps=fid.steps, guidance_scale=fid.guidance_scale,
-        seed=cfg.seed, image_size=datamodule.image_size, batch_size=cfg.model.batch_size,
+        seed=cfg.seed, image_size=datamodule.image_size, batch_size=cfg.diffusion.batch_size,
     )
     # one column per prompt (the fidelity prompts cycle through every colour-shape pair), 8 samples each
     columns: dict[str, list] = {}

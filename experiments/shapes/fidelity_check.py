@@ -66,7 +66,7 @@ def draw_samples(cfg, datamodule, parts, classifier, guidance_scale: float) -> d
     return draw_fidelity_samples(
         parts, classifier, shapes=list(datamodule.world.shapes), colours=list(datamodule.world.colours),
         num_samples=fid.num_samples, num_background_samples=fid.num_background_samples, steps=fid.steps,
-        guidance_scale=guidance_scale, seed=cfg.seed, image_size=datamodule.image_size, batch_size=cfg.model.batch_size,
+        guidance_scale=guidance_scale, seed=cfg.seed, image_size=datamodule.image_size, batch_size=cfg.diffusion.batch_size,
     )
 
 

@@ -385,9 +385,9 @@ def test_hydra_configs_instantiate(tmp_path, monkeypatch, name, maker):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = compose([f"data={name}", "model=sd14"]).data  # image_size follows the model's native resolution
+    cfg = compose([f"data={name}", "diffusion=sd14"]).data  # image_size follows the model's native resolution
     assert cfg.image_size == 512 and cfg.resize_mode == "resize"
-    assert compose([f"data={name}", "model=sd21"]).data.image_size == 768
+    assert compose([f"data={name}", "diffusion=sd21"]).data.image_size == 768
     env = OmegaConf.to_container(cfg)["root"].split(":")[1].split(",")[0]  # ${oc.env:NAME,null}
     with pytest.raises(Exception) as info:  # env var unset -> root null -> the layout error (Hydra wraps it)
         instantiate(cfg, image_size=SIZE, num_workers=0)

@@ -131,7 +131,7 @@ def test_missing_folder_raises_model_not_found(tmp_path: Path) -> None:
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert str(missing) in message
-    assert "huggingface-cli download" in message and "model.path=" in message and "unet/" in message
+    assert "huggingface-cli download" in message and "diffusion.path=" in message and "unet/" in message
 
 
 def test_uncached_hub_id_raises_model_not_found() -> None:

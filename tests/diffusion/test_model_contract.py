@@ -40,7 +40,7 @@ def saved(tmp_path: Path, **options) -> Path:
 
 def shapes_run(tmp_path: Path, model: Path, *extra: str, stages=ALL_STAGES) -> tuple[Path, dict]:
     run_dir = tmp_path / "run"
-    cfg = compose([f"stages=[{','.join(stages)}]", f"model.path={model}", "data.num_train=8", "data.num_test=4",
+    cfg = compose([f"stages=[{','.join(stages)}]", f"diffusion.path={model}", "data.num_train=8", "data.num_test=4",
                    "logger=none", *TINY_STEPS, *extra], run_dir=run_dir)
     return run_dir, run(cfg)
 
@@ -266,10 +266,10 @@ def test_a_gpu_trainer_without_a_gpu_says_use_trainer_cpu_before_loading(tmp_pat
         shapes_run(tmp_path, saved(tmp_path), "trainer=gpu", stages=["masks"])
 
 
-def test_a_folder_of_fp16_variant_weights_says_set_model_variant(tmp_path):
+def test_a_folder_of_fp16_variant_weights_says_set_diffusion_variant(tmp_path):
     folder = saved(tmp_path)
     for weights in [*folder.glob("*/diffusion_pytorch_model.safetensors"), *folder.glob("*/model.safetensors")]:
         weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
-    with pytest.raises(ModelNotFoundError, match=r"set model\.variant=fp16"):
+    with pytest.raises(ModelNotFoundError, match=r"set diffusion\.variant=fp16"):
         load_diffusion_parts(folder)
     assert load_diffusion_parts(folder, variant="fp16").unet is not None

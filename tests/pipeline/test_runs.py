@@ -41,7 +41,7 @@ def _one_thread(single_thread):
 
 
 def overrides_for(model: Path, *extra: str) -> list[str]:
-    return [f"model.path={model}", "data.num_train=8", "data.num_test=4", "logger=none", *TINY_STEPS, *extra]
+    return [f"diffusion.path={model}", "data.num_train=8", "data.num_test=4", "logger=none", *TINY_STEPS, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_each_setting_invalidates_exactly_its_stage_and_those_downstream(finishe
         ("seed=1", WORK), ("data.num_train=9", WORK), ("data.image_size=48", WORK), ("concept=[square]", WORK),
         ("prompts.background='a photo of the background'", WORK[1:]), ("trainer.precision=bf16-mixed", WORK),
         ("segment.sources=[preliminary]", ["segment"]), ("splits=[test]", WORK),
-        ("model.batch_size=5", []), ("data.batch_size=3", []), ("data.num_workers=1", []), ("logger=csv", []),
+        ("diffusion.batch_size=5", []), ("data.num_workers=1", []), ("logger=csv", []),
     ]:
         assert stale_stages(run_dir, [*overrides, override]) == expected, override
 
@@ -133,7 +133,7 @@ def test_settings_that_cannot_change_results_rerun_nothing(finished_run, tmp_pat
     run_dir = tmp_path / "run"
     shutil.copytree(original, run_dir)
     done = {stage: (run_dir / stage / "DONE.json").read_bytes() for stage in WORK}
-    run(compose([*overrides, "model.batch_size=5", "masks.batch_size=3", "logger=csv"], run_dir=run_dir))
+    run(compose([*overrides, "diffusion.batch_size=5", "masks.batch_size=3", "logger=csv"], run_dir=run_dir))
     assert {stage: (run_dir / stage / "DONE.json").read_bytes() for stage in WORK} == done
     assert not list(run_dir.glob("*.stale-*"))
 

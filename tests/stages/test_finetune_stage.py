@@ -336,7 +336,7 @@ def test_finetune_stage_through_runner(tiny_model, tmp_path):
     from PIL import Image
 
     overrides = [
-        "stages=[masks,finetune]", "logger=none", f"model.path={tiny_model}",
+        "stages=[masks,finetune]", "logger=none", f"diffusion.path={tiny_model}",
         "data.num_train=8", "data.num_test=4", "masks.module.num_steps=10", "masks.module.start_step=4", "masks.batch_size=4",
         "finetune.max_steps=3", "finetune.sample_every=0", "finetune.sample_steps=2", "finetune.batch_size=4",
         "finetune.sample_count=2",

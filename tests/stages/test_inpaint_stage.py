@@ -175,7 +175,7 @@ def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path,
     cfg = compose(
         [
             "stages=[masks,finetune,inpaint]",
-            f"model.path={tiny_model}",
+            f"diffusion.path={tiny_model}",
             "logger=none",
             "data.num_train=8",
             "data.num_test=4",

@@ -30,7 +30,7 @@ SPLITS = {"train": 8, "test": 4}
 def mask_overrides(model: Path, batch_size: int = 4) -> list[str]:
     """A masks-only run on the tiny pipeline: 8 + 4 images of 32 px (16x16 latents), 4 attention steps."""
     return [
-        "stages=[masks]", "logger=none", f"model.path={model}",
+        "stages=[masks]", "logger=none", f"diffusion.path={model}",
         f"data.num_train={SPLITS['train']}", f"data.num_test={SPLITS['test']}",
         "masks.module.num_steps=10", "masks.module.start_step=4", f"masks.batch_size={batch_size}",
     ]  # fmt: skip

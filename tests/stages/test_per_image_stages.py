@@ -47,7 +47,7 @@ def finished(tmp_path_factory, tiny_model):
     runner._configure_torch = lambda: torch.set_num_threads(1)
     try:
         run_dir = tmp_path_factory.mktemp("per-image") / "run"
-        overrides = [f"model.path={tiny_model}", "data.num_train=4", "data.num_test=5", "logger=none", *TINY_STEPS,
+        overrides = [f"diffusion.path={tiny_model}", "data.num_train=4", "data.num_test=5", "logger=none", *TINY_STEPS,
                      "segment.sources=[preliminary]", "synthesize.num_samples=5"]
         run(compose([*overrides, "stages=[masks,finetune,segment]"], run_dir=run_dir))
         images = tmp_path_factory.mktemp("new-images")
