@@ -7,6 +7,7 @@ torch, diffusers and lightning when they run.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -22,13 +23,20 @@ def normalise_overrides(arguments: list[str]) -> list[str]:
     return [arg[1:] if arg.startswith("+experiment=") else arg for arg in arguments]
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+# An absolute path: the `conceptdistill` command's caller is not a module of this package, so a path
+# relative to it would be looked up as a (non-existent) Python package.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict:
     from conceptdistill.runner import run
 
     return run(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `conceptdistill` command: the same as `python -m conceptdistill`."""
     sys.argv[1:] = normalise_overrides(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

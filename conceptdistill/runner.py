@@ -10,7 +10,6 @@ where it stopped, and a stage whose settings or inputs changed runs again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 from conceptdistill.checks import check_hardware, check_settings
 from conceptdistill.pipeline.context import RunContext, finish_loggers
 from conceptdistill.pipeline.registry import stage_spec
+from conceptdistill.utils.console import quiet_dependencies, set_quiet
 from conceptdistill.utils.io import write_json
 
 __all__ = ["run"]
@@ -35,6 +35,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     or stale is refused (StageError).
     """
     _configure_torch()
+    quiet_dependencies()
+    set_quiet(bool(cfg.get("quiet")))
     cfg = check_settings(cfg)
     ctx = RunContext(cfg)
     specs = [stage_spec(stage) for stage in cfg.stages]
@@ -42,14 +44,15 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     if any(stage_spec(name).reads_data for name in to_run):
         ctx.datamodule  # noqa: B018 - a missing or malformed data set fails here, before any model is loaded
     check_hardware(cfg, to_run)
-    for spec in specs:
+    for number, spec in enumerate(specs, start=1):
         stage = spec.name
+        name = f"stage {stage} ({number}/{len(specs)})"
         if not spec.always_run and ctx.is_complete(stage):
-            log.info("stage %s: complete, skipped", stage)
+            log.info("%s: complete, skipped", name)
             ctx.summaries[stage] = ctx.done_record(stage)["summary"]
             continue
         ctx.require_inputs(stage)
-        log.info("stage %s: running in %s", stage, ctx.run_dir / stage)
+        log.info("%s: running in %s", name, ctx.layout.stage_dir(stage))
         if not spec.always_run:
             ctx.prepare_stage_dir(stage)
         fingerprint = ctx.fingerprint(stage)
@@ -68,13 +71,33 @@ def run(cfg: DictConfig) -> dict[str, dict]:
                 {"fingerprint": fingerprint, "seconds": round(seconds, 2), "summary": summary},
             )
         ctx.summaries[stage] = summary
-        log.info("stage %s: done in %.1f s %s", stage, seconds, _short(summary))
+        log.info("%s: done in %.0f s%s", name, seconds, one_line(summary))
+    print(where_results_are(ctx))  # noqa: T201 - the run's last words, in quiet mode too
     return ctx.summaries
 
 
-def _short(summary: dict) -> str:
-    flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-    return json.dumps(flat)[:300] if flat else ""
+def one_line(summary: dict) -> str:
+    """A stage summary as one readable line: its results rows' IoU, else its counts and scores."""
+    rows = summary.get("rows")
+    if isinstance(rows, dict) and rows:
+        return ": " + ", ".join(f"{key} IoU {100 * row['iou']:.1f}" for key, row in rows.items() if "iou" in row)
+    flat = [f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return ": " + ", ".join(flat[:6]) if flat else ""
+
+
+def where_results_are(ctx: RunContext) -> str:
+    """Where the run's results, trained weights and segmenters are, for the console's last lines."""
+    layout = ctx.layout
+    lines = [f"run folder: {layout.root}"]
+    report = layout.stage_dir("report") / "results.md"
+    if report.exists():
+        lines.append(f"results:    {report}")
+    if layout.finetuned_weights().exists():
+        lines.append(f"weights:    {layout.finetuned_weights()}")
+    segmenters = sorted(layout.stage_dir("segment").glob("*/final.ckpt"))
+    lines += [f"segmenter:  {path}" for path in segmenters]
+    return "\n".join(lines)
 
 
 def _configure_torch() -> None:

@@ -23,7 +23,8 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.Comp
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
-    cfg = compose([f"+experiment={experiment}"], run_dir=Path("/tmp/unused"))
+    own = ["concept=[cat]", "prompts.foreground='a photo of a cat'"] if experiment == "folder" else []
+    cfg = compose([f"+experiment={experiment}", *own], run_dir=Path("/tmp/unused"))
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert container["stages"]
     assert container["data"]["_target_"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF_DIR, REPO, compose
-from trees import make_cars, make_chest_xray, make_cub, make_dogs, make_h36m, write_image
+from trees import make_cars, make_chest_xray, make_cub, make_dogs, make_folder, make_h36m, write_image
 
 from conceptdistill.runner import run
 from conceptdistill.stages.report import table_rows
@@ -36,7 +36,11 @@ TREES = {
     "stanford_cars": make_cars,
     "human36m": make_h36m,
     "chest_xray": make_chest_xray,
+    "folder": make_folder,
 }
+#: experiment -> what it needs beyond a data root (a user's own folder names its concept and masks)
+EXTRA = {"folder": lambda root: ["concept=[bird]", "prompts.foreground='a photo of a bird'",
+                                 f"data.masks_root={root.parent / 'masks'}"]}
 DATA_ENV = ["CUB_ROOT", "CUB_SEGMENTATIONS_ROOT", "STANFORD_DOGS_ROOT", "STANFORD_CARS_ROOT", "HUMAN36M_ROOT",
             "CHEST_XRAY_ROOT", "IMAGE_FOLDER_ROOT", "IMAGE_FOLDER_MASKS", "SD14_PATH", "SD15_PATH", "SD21_PATH"]
 
@@ -61,7 +65,8 @@ def prompt_words() -> list[str]:
     """Every word of every experiment's prompts, split the way CLIP splits them ("x-ray" -> x, ray)."""
     words: list[str] = []
     for experiment in EXPERIMENTS + ["shapes"]:
-        cfg = compose([f"+experiment={experiment}"], run_dir=Path("/tmp/unused"))
+        own = EXTRA[experiment](Path("/tmp/unused")) if experiment in EXTRA else []
+        cfg = compose([f"+experiment={experiment}", *own], run_dir=Path("/tmp/unused"))
         for text in (cfg.prompts.foreground, cfg.prompts.background, *cfg.concept):
             words += [w for w in re.findall(r"[a-z]+", text.lower()) if w not in words]
     return words
@@ -164,7 +169,8 @@ def test_paper_experiment_runs_end_to_end_on_a_tiny_tree(tmp_path, all_words_mod
     root = TREES[experiment](tmp_path / "data")
     run_dir = tmp_path / "run"
     cfg = compose([f"+experiment={experiment}", f"stages=[{','.join(ALL_STAGES)}]", f"diffusion.path={all_words_model}",
-                   f"data.root={root}", "logger=none", *TINY_STEPS, *TINY_PAPER], run_dir=run_dir)
+                   f"data.root={root}", "logger=none", *TINY_STEPS, *TINY_PAPER,
+                   *EXTRA.get(experiment, lambda root: [])(root)], run_dir=run_dir)
 
     # the tiny tokenizer holds every concept word as one token, as SD's does for these words
     from conceptdistill.diffusion.loading import load_diffusion_parts

@@ -213,3 +213,18 @@ def make_messy_folder(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
         os.mkfifo(root / "pipe.png")  # opening it to decode would block forever
         entries["pipe.png"] = "not a regular file"
     return root, entries
+
+
+def make_folder(tmp_path: Path) -> Path:
+    """A folder of images in two subfolders, with a binary mask per image under a `masks` folder beside it
+    (the same relative path, `.png`); returns the images' root."""
+    root, masks = tmp_path / "images", tmp_path / "masks"
+    rng = np.random.default_rng(5)
+    for index, rel in enumerate(["a/one.jpg", "a/two.png", "b/three.jpg", "b/four.jpg", "five.png", "six.jpg"]):
+        write_image(root / rel, w=40, h=32, seed=20 + index)
+        mask = np.zeros((32, 40), dtype=np.uint8)
+        top, left = rng.integers(2, 12), rng.integers(2, 16)
+        mask[top: top + 14, left: left + 18] = 255
+        (masks / rel).with_suffix(".png").parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save((masks / rel).with_suffix(".png"))
+    return root

@@ -206,7 +206,12 @@ class RunContext:
             kwargs["default_root_dir"] = str(self.stage_dir(stage))
         if "logger" not in overrides and "logger" not in configured:
             kwargs["logger"] = self.logger(stage) or False
+        if self.full_cfg.get("quiet"):
+            kwargs["enable_progress_bar"] = False
         kwargs = {key: value for key, value in kwargs.items() if key not in configured}
+        if "max_steps" in overrides and "log_every_n_steps" in overrides:
+            # a logging interval longer than the run logs nothing (and Lightning warns about it)
+            overrides["log_every_n_steps"] = max(1, min(overrides["log_every_n_steps"], overrides["max_steps"]))
         return instantiate(configured, **kwargs, **overrides)
 
 

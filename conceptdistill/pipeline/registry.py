@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: config keys visible to every stage and never part of a fingerprint (hardware, logging, folders)
-INFRASTRUCTURE_KEYS = ("run_dir", "experiment", "trainer", "logger", "paths", "stages")
+INFRASTRUCTURE_KEYS = ("run_dir", "experiment", "trainer", "logger", "paths", "stages", "quiet")
 #: keys that cannot change a stage's results; a change to them never invalidates finished work
 PRESENTATION_KEYS = frozenset({
     "diffusion.name", "diffusion.path", "diffusion.batch_size",

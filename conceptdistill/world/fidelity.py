@@ -99,8 +99,10 @@ def train_classifier(datamodule, trainer_factory, *, num_images: int, epochs: in
     train = datamodule.caption_dataset(num_images, seed=seed + 1)
     held_out = datamodule.caption_dataset(1000, seed=seed + 2)
     classifier = ShapeColourClassifier(list(world.shapes), list(world.colours))
-    trainer = trainer_factory(max_epochs=epochs, enable_checkpointing=False)
-    trainer.fit(classifier, datamodule.loader(train, shuffle=True, batch_size=128))
+    loader = datamodule.loader(train, shuffle=True, batch_size=128)
+    # log at least once per epoch, however few batches it has
+    trainer = trainer_factory(max_epochs=epochs, enable_checkpointing=False, log_every_n_steps=min(50, len(loader)))
+    trainer.fit(classifier, loader)
     images = torch.stack([held_out[i]["image"] for i in range(len(held_out))])
     predicted = classifier.labels(images)
     truth = list(zip(held_out.labels["shape"], held_out.labels["colour"], strict=True))
