@@ -92,13 +92,41 @@ def _packaged_world_training(ctx: RunContext) -> dict:
     return {}
 
 
+#: the box protocols' columns (results.json keys) with their labels and one-line definitions (docs/METHOD.md)
+BOX_COLUMNS = (
+    ("iou_mask_vs_box", "IoU mask vs box",
+     "pooled IoU of the predicted masks with the rasterised truth boxes (the IoU column of mask data sets)"),
+    ("iou_box", "IoU box",
+     "mean over images of the IoU of the box around all predicted foreground with the union box of the "
+     "image's truth boxes (an empty prediction scores 0)"),
+)
+
+
+def table_columns(rows: dict) -> list[tuple[str, str]]:
+    """(results.json key, header) of the table's score columns: acc, IoU, mIoU, or for a box-scored data set
+    (rows holding "iou_box") acc, both box protocols and mIoU."""
+    if any("iou_box" in row for row in rows.values()):
+        return [("acc", "acc"), *((key, label) for key, label, _ in BOX_COLUMNS[:1]), ("miou", "mIoU"),
+                *((key, label) for key, label, _ in BOX_COLUMNS[1:])]
+    return [("acc", "acc"), ("iou", "IoU"), ("miou", "mIoU")]
+
+
+def percent(row: dict, key: str) -> str:
+    """A score as a percentage with one decimal; "-" where the row lacks it."""
+    return f"{100 * row[key]:.1f}" if row.get(key) is not None else "-"
+
+
 def markdown(results: dict, labels: dict[str, str]) -> str:
+    columns = table_columns(results["rows"])
     lines = [f"# {results['experiment']}: concept {', '.join(results['concept'])}", "",
              f"Made on {results['date']} (commit {results['git_commit']}) by:", "", f"    {results['command']}", "",
-             "Pooled over the test images, in %:", "", "| method | acc | IoU | mIoU |", "|---|---|---|---|"]
+             "Pooled over the test images, in %:", "",
+             "| method | " + " | ".join(header for _, header in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, row in results["rows"].items():
-        lines.append(f"| {labels[key]} | {100 * row['acc']:.1f} | {100 * row['iou']:.1f} | {100 * row['miou']:.1f} |")
+        lines.append(f"| {labels[key]} | " + " | ".join(percent(row, column) for column, _ in columns) + " |")
     lines.append("")
+    if any(key == "iou_box" for key, _ in columns):
+        lines += [f"- {label} (`{key}`): {definition}." for key, label, definition in BOX_COLUMNS] + [""]
     for key in ("attention_auc", "prompt_fidelity", "background_fidelity"):
         if results.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {results[key]:.3f}")
