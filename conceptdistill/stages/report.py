@@ -1,20 +1,26 @@
-"""Stage "report": results.json and results.md from whatever the run's stages have produced.
+"""Stage "report": results.json, results.md and index.html from whatever the run's stages have produced.
 
 The table is the paper's ladder (M_pre, M, U-Net on each mask source, supervised U-Net) beside the
 baselines; a row a stage has not produced is absent, never zero. Rows and figures are those the stages
-declare (pipeline/registry.py), in the pipeline's order.
+declare (pipeline/registry.py), in the pipeline's order. index.html (report_page.py) adds the figures, data
+counts, timings, links to the weights and the settings, in one page that needs no network.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from conceptdistill.pipeline.context import RunContext, command_line
 from conceptdistill.pipeline.registry import pipeline_order, register_stage, stage_spec
+from conceptdistill.report_page import BOX_COLUMNS, percent, report_page, table_columns
 from conceptdistill.utils.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -92,30 +98,6 @@ def _packaged_world_training(ctx: RunContext) -> dict:
     return {}
 
 
-#: the box protocols' columns (results.json keys) with their labels and one-line definitions (docs/METHOD.md)
-BOX_COLUMNS = (
-    ("iou_mask_vs_box", "IoU mask vs box",
-     "pooled IoU of the predicted masks with the rasterised truth boxes (the IoU column of mask data sets)"),
-    ("iou_box", "IoU box",
-     "mean over images of the IoU of the box around all predicted foreground with the union box of the "
-     "image's truth boxes (an empty prediction scores 0)"),
-)
-
-
-def table_columns(rows: dict) -> list[tuple[str, str]]:
-    """(results.json key, header) of the table's score columns: acc, IoU, mIoU, or for a box-scored data set
-    (rows holding "iou_box") acc, both box protocols and mIoU."""
-    if any("iou_box" in row for row in rows.values()):
-        return [("acc", "acc"), *((key, label) for key, label, _ in BOX_COLUMNS[:1]), ("miou", "mIoU"),
-                *((key, label) for key, label, _ in BOX_COLUMNS[1:])]
-    return [("acc", "acc"), ("iou", "IoU"), ("miou", "mIoU")]
-
-
-def percent(row: dict, key: str) -> str:
-    """A score as a percentage with one decimal; "-" where the row lacks it."""
-    return f"{100 * row[key]:.1f}" if row.get(key) is not None else "-"
-
-
 def markdown(results: dict, labels: dict[str, str]) -> str:
     columns = table_columns(results["rows"])
     lines = [f"# {results['experiment']}: concept {', '.join(results['concept'])}", "",
@@ -151,5 +133,30 @@ def run_report(ctx: RunContext) -> dict:
     write_json(folder / "results.json", results)
     text = markdown(results, dict(table_rows(ctx.full_cfg)))
     (folder / "results.md").write_text(text)
+    page = report_page(results, dict(table_rows(ctx.full_cfg)), folder=folder, settings=settings_text(ctx.full_cfg),
+                       weights=weight_links(ctx, folder))
+    (folder / "index.html").write_text(page, encoding="utf-8")
     print(text)
-    return {"results": str(folder / "results.json"), "rows": list(results["rows"])}
+    return {"results": str(folder / "results.json"), "rows": list(results["rows"]), "page": str(folder / "index.html")}
+
+
+def settings_text(cfg) -> str:
+    """The composed config as YAML, interpolations resolved where they can be (an unset environment variable
+    of an unused data set cannot, and is then shown as written)."""
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_yaml(cfg)
+
+
+def weight_links(ctx: RunContext, folder) -> dict[str, str]:
+    """Name -> path relative to the report folder of the run's trained weights that exist: the fine-tuned
+    diffusion weights (finetune/weights) and each finished segmenter (segment/<source>/final.ckpt)."""
+    found = {}
+    weights = ctx.layout.finetuned_weights()
+    if weights.exists():
+        found["fine-tuned diffusion weights"] = weights
+    for checkpoint in sorted(ctx.layout.stage_dir("segment").glob("*/final.ckpt")):
+        found[f"segmenter {checkpoint.parent.name}"] = checkpoint
+    return {name: os.path.relpath(path, folder).replace(os.sep, "/") + ("/" if path.is_dir() else "")
+            for name, path in found.items()}
