@@ -77,7 +77,7 @@ def moved_run(tmp_path_factory, tiny_model):
     return Path(moved), cfg
 
 
-def test_the_page_shows_results_json_and_every_figure_in_a_browser(moved_run, browser):
+def test_the_page_shows_results_json_and_every_figure_in_a_browser(browser, moved_run):  # browser first: no run without it
     from selenium.webdriver.common.by import By
 
     run_dir, cfg = moved_run
