@@ -9,7 +9,7 @@ RUN := $(PY) -m conceptdistill
 EXPERIMENTS ?= shapes
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow demo reproduce world-model bench lint clean
+.PHONY: help install browser test test-slow demo reproduce world-model bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,7 +21,19 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)  ## create .venv with the pinned versions (only when missing or out of date)
 
-test: $(STAMP)  ## the default test run (slow tests excluded)
+# The report page test opens report/index.html in headless Chromium: installed from the system's packages when
+# missing (as root, with apt-get); otherwise that test is skipped, or fails under CI=true.
+browser:  ## headless Chromium and chromedriver for the report page test (apt-get, when missing and root)
+	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else \
+		echo "make browser: chromium/chromedriver missing and cannot install them here (needs root and apt-get);" \
+			"the report page test will be skipped (or fail under CI=true)"; \
+	fi
+
+test: $(STAMP) browser  ## the default test run (slow tests excluded)
 	$(PY) -m pytest
 
 test-slow: $(STAMP)  ## only the slow tests (fine-tuning with DDP on two CPU processes)

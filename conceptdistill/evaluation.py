@@ -1,7 +1,10 @@
 """Scoring stage outputs against ground truth, as the paper scores them, plus logging of the results.
 
 Masks are scored at image resolution with pixels pooled over the whole split (accuracy, foreground IoU,
-mIoU); the per-image mean IoU is reported beside them. Ground truth is read here and nowhere in training.
+mIoU); the per-image mean IoU is reported beside them. Box-scored data sets get both box protocols
+(docs/METHOD.md, "Scoring"): `iou_mask_vs_box`, the pooled IoU of the masks against the rasterised boxes (the
+same number as `iou`, named explicitly), and `iou_box`, the mean IoU of the box around each predicted mask with
+the union box of its truth boxes. Ground truth is read here and nowhere in training.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from conceptdistill.data.geometry import union_pixel_box
 from conceptdistill.figures import save_grid
-from conceptdistill.maskmath import resize_nearest, upsample_mask
+from conceptdistill.maskmath import centre_box_mask, resize_nearest, upsample_mask
 from conceptdistill.metrics import (
     add_counts,
     all_foreground_scores,
     attention_auc,
     best_centre_box_scores,
+    mean_box_iou,
     mean_iou_per_image,
     pooled_counts,
     scores_from_counts,
@@ -35,33 +40,51 @@ def evaluation_split(ctx) -> str:
 
 def truths_by_id(dataset, *, images: int = 0) -> dict[str, dict]:
     """Truth masks keyed by sample id, plus the images of the first `images` samples (for figures only:
-    a whole test set of 512 px float images would not fit in memory)."""
+    a whole test set of 512 px float images would not fit in memory), and for box-scored data sets (samples
+    with "boxes") "box": the union box of the image's truth boxes on the mask's grid (a metrics.PixelBox)."""
     samples = {}
     for index in range(len(dataset)):
         sample = dataset[index]
         entry = {"mask": sample["mask"].numpy().astype(bool)}
+        if "boxes" in sample:
+            entry["box"] = union_pixel_box(*entry["mask"].shape, sample["boxes"])
         if index < images:
             entry["image"] = sample["image"].numpy()
         samples[sample["id"]] = entry
     return samples
 
 
-def mask_scores(predictions: Iterable[np.ndarray], truths: Iterable[np.ndarray]) -> dict[str, float]:
+def mask_scores(predictions: Iterable[np.ndarray], truths: Iterable[np.ndarray],
+                boxes: list | None = None) -> dict[str, float]:
     """Pooled acc / IoU / mIoU (+ per-image mean IoU) of bool masks, each upsampled to its truth's size.
 
-    Streams over the pairs, so only one upsampled mask exists at a time."""
-    counts, ious, pairs = None, 0.0, 0
-    for prediction, truth in zip(predictions, truths, strict=True):
+    With `boxes` (one metrics.PixelBox or None per truth, on the truth's grid: a box-scored data set), also
+    both box protocols, fractions in [0, 1]: "iou_mask_vs_box" (= "iou") and "iou_box" (metrics.mean_box_iou).
+    Streams over the pairs, so only one upsampled mask exists at a time. Raises ValueError with no masks."""
+    counts, ious, pairs, box_ious = None, 0.0, 0, []
+    for index, (prediction, truth) in enumerate(zip(predictions, truths, strict=True)):
         resized = upsample_mask(prediction, truth.shape)
         image_counts = pooled_counts(resized, truth)
         counts = image_counts if counts is None else add_counts(counts, image_counts)
         ious += mean_iou_per_image([resized], [truth])
+        if boxes is not None:
+            box_ious.append(mean_box_iou([resized], [boxes[index]]))
         pairs += 1
     if counts is None:
         raise ValueError("no masks to score")
     scores = scores_from_counts(counts)
     scores["iou_per_image"] = ious / pairs
+    if boxes is not None:
+        scores["iou_mask_vs_box"] = scores["iou"]
+        scores["iou_box"] = float(np.mean(box_ious))
     return scores
+
+
+def truth_boxes(truth: dict[str, dict], ids: list[str]) -> list | None:
+    """The union truth box of each of `ids` (see `truths_by_id`), or None for a data set not scored on boxes."""
+    if not ids or "box" not in truth[ids[0]]:
+        return None
+    return [truth[sid]["box"] for sid in ids]
 
 
 def sampled_pixels(
@@ -100,11 +123,17 @@ def evaluate_mask_stage(ctx, module) -> dict:
     maps = [store.load("attention", sid) for sid in ids]
     masks = [store.load("mask", sid) for sid in ids]
     rows = {
-        "preliminary_masks": mask_scores(masks, truths),
+        "preliminary_masks": mask_scores(masks, truths, truth_boxes(truth, ids)),
         "baseline_all_foreground": all_foreground_scores(truths),
     }
     centre, fraction = best_centre_box_scores(truths)
     rows["baseline_centre_box"] = {**centre, "fraction": fraction}
+    boxes = truth_boxes(truth, ids)
+    if boxes is not None:  # the baselines' boxes: the whole image, and the centred square
+        for key, baseline in (("baseline_all_foreground", lambda t: np.ones_like(t)),
+                              ("baseline_centre_box", lambda t: centre_box_mask(*t.shape, fraction))):
+            rows[key]["iou_mask_vs_box"] = rows[key]["iou"]
+            rows[key]["iou_box"] = float(np.mean([mean_box_iou([baseline(t)], [b]) for t, b in zip(truths, boxes, strict=True)]))
     summary = {
         "split": split,
         "images": len(ids),
@@ -198,7 +227,7 @@ def evaluate_inpaint_stage(ctx) -> dict:
     ids = [sid for sid in truth if refined.has(sid)]
     truths = [truth[sid]["mask"] for sid in ids]
     masks = [refined.load("mask", sid) for sid in ids]
-    summary = {"split": split, "images": len(ids), "rows": {"refined_masks": mask_scores(masks, truths)}}
+    summary = {"split": split, "images": len(ids), "rows": {"refined_masks": mask_scores(masks, truths, truth_boxes(truth, ids))}}
     shown = [i for i, sid in enumerate(ids) if "image" in truth[sid]][:count]  # positions in ids
     figure = save_grid(
         ctx.stage_dir("inpaint") / "inpaint_grid.png",

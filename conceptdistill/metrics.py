@@ -14,6 +14,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from torchmetrics import Metric
 
@@ -28,13 +29,18 @@ __all__ = [
     "all_foreground_scores",
     "attention_auc",
     "best_centre_box_scores",
+    "box_iou",
+    "mean_box_iou",
     "mean_iou_per_image",
     "pooled_counts",
     "scores_from_counts",
+    "tight_box",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
 Masks = ArrayLike | Sequence[ArrayLike]
+#: a box on the pixel grid: (r0, c0, r1, c1), half-open rows r0..r1-1 and columns c0..c1-1; None is no box
+PixelBox = tuple[int, int, int, int]
 
 
 class Counts(TypedDict):
@@ -308,3 +314,67 @@ def all_foreground_scores(truths: Masks) -> dict[str, float]:
     """Pooled scores of predicting every pixel as foreground."""
     masks = _truth_list(truths)
     return scores_from_counts(pooled_counts([np.ones_like(t) for t in masks], masks))
+
+
+# --------------------------------------------------------------------------------------------------
+# Box protocol: the box around the predicted mask against the truth's box
+# --------------------------------------------------------------------------------------------------
+
+
+def tight_box(mask: ArrayLike) -> PixelBox | None:
+    """The smallest pixel box holding every foreground pixel of a bool (or 0/1) (H, W) mask: (r0, c0, r1, c1),
+    half-open, ints with 0 <= r0 < r1 <= H and 0 <= c0 < c1 <= W; None for an empty mask.
+
+    All foreground counts, not only the largest connected component: the truth box it is compared with is the
+    union box of all of an image's truth boxes (docs/METHOD.md, "Scoring", says why).
+    Raises ValueError for a mask that is not 2-D, TypeError for a float mask (threshold it first).
+    """
+    array = _as_bool(mask)
+    if array.ndim != 2:
+        raise ValueError(f"expected an (H, W) mask, got shape {array.shape}")
+    found = ndimage.find_objects(array.astype(np.int8))  # one label (1): one slice pair, or none when empty
+    if not found:
+        return None
+    rows, cols = found[0]
+    return (int(rows.start), int(cols.start), int(rows.stop), int(cols.stop))
+
+
+def _box_area(box: PixelBox) -> int:
+    r0, c0, r1, c1 = box
+    if r1 < r0 or c1 < c0:
+        raise ValueError(f"a pixel box needs r0 <= r1 and c0 <= c1, got {box}")
+    return (r1 - r0) * (c1 - c0)
+
+
+def box_iou(a: PixelBox | None, b: PixelBox | None) -> float:
+    """IoU in [0, 1] of two pixel boxes (r0, c0, r1, c1) (half-open), by pixel counts: |a n b| / |a u b|.
+
+    None (or a box of no pixels) is the empty box: two empty boxes give 1.0 (an empty union, the module's
+    convention), one empty box 0.0. Raises ValueError for a box with r1 < r0 or c1 < c0.
+    """
+    area_a = 0 if a is None else _box_area(a)
+    area_b = 0 if b is None else _box_area(b)
+    if area_a == 0 or area_b == 0:
+        return 1.0 if area_a == area_b == 0 else 0.0
+    rows = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    cols = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = rows * cols
+    return inter / (area_a + area_b - inter)
+
+
+def mean_box_iou(preds: Masks, truth_boxes: Sequence[PixelBox | None]) -> float:
+    """The box protocol's "iou_box": the mean over images of box_iou(tight_box(prediction), truth box).
+
+    `preds`: a sequence of bool (H, W) masks, or an (N, H, W) array; `truth_boxes`: one pixel box (or None)
+    per image, on the prediction's grid (for box-scored data sets, the union box of an image's truth boxes,
+    rasterised as the truth masks are: data/geometry.py `union_pixel_box`). An empty prediction scores 0 against
+    a truth box and 1 where the truth has no box. Unlike the pooled IoU, every image weighs the same, as in
+    detection-style box scoring. Returns a fraction in [0, 1].
+    Raises ValueError when the counts differ or there are no images.
+    """
+    masks = list(preds) if isinstance(preds, (list, tuple)) else list(_as_bool(preds).reshape(-1, *np.shape(preds)[-2:]))
+    if len(masks) != len(truth_boxes):
+        raise ValueError(f"{len(masks)} predictions for {len(truth_boxes)} truth boxes")
+    if not masks:
+        raise ValueError("no images to score")
+    return float(np.mean([box_iou(tight_box(m), t) for m, t in zip(masks, truth_boxes, strict=True)]))

@@ -195,6 +195,36 @@ def test_paper_experiment_runs_end_to_end_on_a_tiny_tree(tmp_path, all_words_mod
     assert summaries["masks"]["images"] == len(truths)
     assert set(results["seconds"]) == {*WORK_STAGES, "total"}
     assert results["data"]["test"]["kept"] == len(truths) and results["data"]["train"]["kept"] >= 1
+    if truth == "box":
+        check_box_protocols(run_dir, datamodule, results)
+    else:
+        assert not any("iou_box" in row for row in results["rows"].values())
+
+
+def check_box_protocols(run_dir: Path, datamodule, results: dict) -> None:
+    """Every row of a box-scored data set carries both box protocols, named distinctly, in results.json and
+    results.md; M_pre's box IoU is what the stored masks give, and differs from its mask-vs-box IoU."""
+    import numpy as np
+
+    from conceptdistill.data.geometry import union_pixel_box
+    from conceptdistill.maskmath import upsample_mask
+    from conceptdistill.metrics import box_iou, tight_box
+    from conceptdistill.pipeline.layout import RunLayout
+
+    store = RunLayout(run_dir).mask_store("test")
+    for name, row in results["rows"].items():
+        assert row["iou_mask_vs_box"] == row["iou"] and 0.0 <= row["iou_box"] <= 1.0, (name, row)
+    expected = []
+    for sample in datamodule.dataset("test"):
+        size = sample["mask"].shape
+        mask = upsample_mask(store.load("mask", sample["id"]), size)
+        expected.append(box_iou(tight_box(mask), union_pixel_box(*size, sample["boxes"])))
+    prelim = results["rows"]["preliminary_masks"]
+    assert prelim["iou_box"] == pytest.approx(float(np.mean(expected)))
+    assert prelim["iou_box"] != pytest.approx(prelim["iou_mask_vs_box"])  # M_pre's blobs are not boxes
+    markdown = (run_dir / "report" / "results.md").read_text()
+    assert "| method | acc | IoU mask vs box | mIoU | IoU box |" in markdown
+    assert "- IoU mask vs box (`iou_mask_vs_box`): " in markdown and "- IoU box (`iou_box`): " in markdown
 
 
 # ----------------------------------------------------------------------------------- errors a user sees

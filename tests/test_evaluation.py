@@ -31,6 +31,20 @@ def test_mask_scores_upsample_each_prediction_and_pool_the_pixels():
     assert scores["iou_per_image"] == pytest.approx((1 + 8 / 24) / 2)
 
 
+def test_mask_scores_give_both_box_protocols_when_boxes_are_given():
+    truths = [np.zeros((8, 8), bool), np.zeros((8, 8), bool)]
+    truths[0][:4, :4] = True
+    truths[1][2:6, 2:6] = True
+    boxes = [(0, 0, 4, 4), (2, 2, 6, 6)]  # the pixel boxes of those truths
+    predictions = [np.zeros((4, 4), bool), np.zeros((4, 4), bool)]  # latent resolution, 2x
+    predictions[0][:2, :2] = True  # exact after upsampling
+    predictions[1][1, 1] = predictions[1][2, 2] = True  # two corners of the truth: a sparse mask, an exact box
+    scores = mask_scores(predictions, truths, boxes)
+    assert scores["iou_mask_vs_box"] == scores["iou"] == pytest.approx(24 / 32)
+    assert scores["iou_box"] == 1.0
+    assert "iou_box" not in mask_scores(predictions, truths)
+
+
 def test_sampled_pixels_are_exact_under_the_budget_and_a_seeded_equal_sample_above():
     rng = np.random.default_rng(0)
     truths = [rng.random((16, 16)) > 0.7 for _ in range(6)]

@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from conceptdistill.data.geometry import boxes_to_mask as box_to_mask
+from conceptdistill.data.geometry import union_pixel_box
 from conceptdistill.maskmath import centre_box_mask
 from conceptdistill.metrics import (
     SegmentationScores,
@@ -18,9 +19,12 @@ from conceptdistill.metrics import (
     all_foreground_scores,
     attention_auc,
     best_centre_box_scores,
+    box_iou,
+    mean_box_iou,
     mean_iou_per_image,
     pooled_counts,
     scores_from_counts,
+    tight_box,
 )
 
 # Two 2x2 images, scored by hand.
@@ -187,3 +191,70 @@ def test_box_to_mask():
     expected[4:6, 6:8] = True  # clipped to the image
     np.testing.assert_array_equal(mask, expected)
     assert not box_to_mask(4, 4, []).any()
+
+
+# ----- the box protocol: box around the prediction vs the union box of the truth boxes -----------------------
+def test_tight_box_holds_all_foreground_not_only_the_largest_component():
+    mask = np.zeros((10, 12), dtype=bool)
+    mask[2:6, 3:8] = True  # the large component
+    mask[8, 10] = True  # a one-pixel blob far away still widens the box
+    assert tight_box(mask) == (2, 3, 9, 11)
+    assert tight_box(np.zeros((4, 4), dtype=bool)) is None
+    assert tight_box(np.eye(3, dtype=np.uint8)) == (0, 0, 3, 3)
+    with pytest.raises(TypeError):
+        tight_box(np.zeros((4, 4)))
+    with pytest.raises(ValueError):
+        tight_box(np.zeros((2, 4, 4), dtype=bool))
+
+
+def test_box_iou_hand_examples_and_empty_boxes():
+    assert box_iou((0, 0, 4, 4), (0, 0, 4, 4)) == 1.0
+    assert box_iou((0, 0, 4, 4), (2, 2, 6, 6)) == pytest.approx(4 / 28)  # 2x2 overlap of two 16-pixel boxes
+    assert box_iou((0, 0, 2, 2), (0, 2, 2, 4)) == 0.0  # touching, no shared pixel
+    assert box_iou((1, 1, 3, 5), (0, 0, 4, 4)) == pytest.approx(6 / 18)
+    assert box_iou(None, None) == 1.0  # empty union: perfect agreement, as for pixel IoU
+    assert box_iou(None, (0, 0, 1, 1)) == 0.0 and box_iou((0, 0, 1, 1), None) == 0.0
+    assert box_iou((2, 2, 2, 5), None) == 1.0  # a box of no pixels is empty
+    with pytest.raises(ValueError):
+        box_iou((3, 0, 1, 2), (0, 0, 1, 1))
+
+
+def test_union_pixel_box_rasterises_the_box_around_all_boxes():
+    # two boxes (x0, y0, x1, y1): the union box is (1, 1, 10, 7); pixel centres inside: columns 1-9, rows 1-6
+    assert union_pixel_box(8, 12, [(1, 1, 4, 4), (6, 3, 10, 7)]) == (1, 1, 7, 10)
+    assert union_pixel_box(8, 12, [(10, 7, 6, 3)]) == (3, 6, 7, 10)  # corners swapped
+    assert union_pixel_box(8, 12, [(-5, -5, 30, 3.2)]) == (0, 0, 3, 12)  # clipped to the grid
+    assert union_pixel_box(8, 12, []) is None and union_pixel_box(8, 12, None) is None
+    assert union_pixel_box(8, 12, [(20, 20, 30, 30)]) is None  # outside the grid
+    # the union box's pixels are those of its rasterised mask (the truth mask of a one-box image)
+    mask = box_to_mask(8, 12, [(1.3, 0.6, 9.4, 6.5)])
+    assert union_pixel_box(8, 12, [(1.3, 0.6, 9.4, 6.5)]) == tight_box(mask)
+
+
+def test_the_two_box_protocols_differ_by_hand():
+    # Truth: two dogs, boxes (x0, y0, x1, y1) (0, 0, 4, 4) and (6, 6, 10, 10) on a 10 x 10 image; the union box
+    # is the whole image. The prediction finds both dogs exactly.
+    truth_boxes = [(0, 0, 4, 4), (6, 6, 10, 10)]
+    truth = box_to_mask(10, 10, truth_boxes)
+    pred = truth.copy()
+    mask_vs_box = scores_from_counts(pooled_counts(pred, truth))["iou"]
+    assert mask_vs_box == 1.0
+    assert mean_box_iou([pred], [union_pixel_box(10, 10, truth_boxes)]) == 1.0
+    # A prediction of one 4x4 dog: mask IoU 16/32, but its box covers 16 of the union box's 100 pixels.
+    one = np.zeros((10, 10), dtype=bool)
+    one[:4, :4] = True
+    assert scores_from_counts(pooled_counts(one, truth))["iou"] == pytest.approx(0.5)
+    assert mean_box_iou([one], [union_pixel_box(10, 10, truth_boxes)]) == pytest.approx(0.16)
+    # A ring around a one-box truth: mask IoU small, box IoU perfect.
+    ring = box_to_mask(10, 10, [(2, 2, 8, 8)]) & ~box_to_mask(10, 10, [(3, 3, 7, 7)])
+    single = union_pixel_box(10, 10, [(2, 2, 8, 8)])
+    assert scores_from_counts(pooled_counts(ring, box_to_mask(10, 10, [(2, 2, 8, 8)])))["iou"] == pytest.approx(20 / 36)
+    assert mean_box_iou([ring], [single]) == 1.0
+    # The mean is over images, each weighing the same; an empty prediction scores 0 against a truth box.
+    empty = np.zeros((10, 10), dtype=bool)
+    assert mean_box_iou([ring, empty], [single, single]) == pytest.approx(0.5)
+    assert mean_box_iou(np.stack([ring, one]), [single, single]) == pytest.approx((1 + 4 / 48) / 2)  # 2x2 of 16 and 36 pixels
+    with pytest.raises(ValueError):
+        mean_box_iou([ring], [])
+    with pytest.raises(ValueError):
+        mean_box_iou([], [])

@@ -5,6 +5,8 @@ A data set yields one dict per image:
 - "image": float32 tensor (3, H, W) in [0, 1], already resized to the data module's `image_size`;
 - "mask": bool tensor (H, W), the concept's ground-truth foreground, present only when `truth` is not None
   (for box-scored data sets it is the union of the boxes, rasterised: the paper scores those against boxes);
+- "boxes": float64 numpy (N, 4), N >= 0, the truth boxes (x0, y0, x1, y1) in pixels of the output grid
+  (data/geometry.py conventions), present only when `truth` is "box"; kept as a list by `collate_samples`;
 - "caption": str, present where the data set has one (the shapes world); never used for training targets.
 
 Ground truth is used for evaluation only, never for training (except the supervised upper-bound row).
@@ -54,8 +56,8 @@ class ConceptDataModule(pl.LightningDataModule, ABC):
         """The map-style data set of `split` ("train", "val" or "test"), built once and then reused.
 
         Each item is the sample dict of the module doc: "id" str, "image" float32 (3, image_size, image_size)
-        in [0, 1], "mask" bool (image_size, image_size) when `truth` is not None, "caption" str where the data
-        set has one. Raises ValueError for another split name; real-data readers raise `DatasetLayoutError`
+        in [0, 1], "mask" bool (image_size, image_size) when `truth` is not None, "boxes" float64 (N, 4) when
+        `truth` is "box", "caption" str where the data set has one. Raises ValueError for another split name; real-data readers raise `DatasetLayoutError`
         (a FileNotFoundError) for a missing or malformed annotation file met while listing.
         """
 

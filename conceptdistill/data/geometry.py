@@ -65,6 +65,23 @@ def boxes_to_mask(h: int, w: int, boxes: Iterable[Sequence[float]] | np.ndarray 
     return mask
 
 
+def union_pixel_box(h: int, w: int, boxes: Iterable[Sequence[float]] | np.ndarray | None) -> tuple[int, int, int, int] | None:
+    """The one box around all `boxes` (x0, y0, x1, y1) (min of the near corners, max of the far ones), as the
+    pixels `boxes_to_mask` marks for it on an (h, w) grid: (r0, c0, r1, c1), half-open row and column ranges
+    (metrics.PixelBox). None when there are no boxes or the union box covers no pixel of the grid (it lies
+    outside). Box-scored data sets compare the box around a predicted mask with this box (metrics.mean_box_iou).
+    """
+    array = as_boxes(boxes)
+    if not len(array):
+        return None
+    xs, ys = np.sort(array[:, [0, 2]], axis=1), np.sort(array[:, [1, 3]], axis=1)  # corners may come swapped
+    mask = boxes_to_mask(h, w, [(xs[:, 0].min(), ys[:, 0].min(), xs[:, 1].max(), ys[:, 1].max())])
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return None
+    return (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+
+
 def _padding(h: int, w: int, mode: str) -> list[int]:
     """[left, top, right, bottom] that centres an (h, w) image on a square ("pad"); zeros for "resize"."""
     if mode not in RESIZE_MODES:

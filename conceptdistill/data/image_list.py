@@ -23,7 +23,7 @@ class ImageListDataset(Dataset):
     """A map-style data set over `ImageRecord`s that yields the sample dicts of `conceptdistill.data.base`.
 
     `truth`: "mask" reads `record.mask` (see `load_mask`; thresholded at `mask_threshold`), "box" rasterises
-    `record.boxes` at the output resolution, None yields no "mask". Build it with
+    `record.boxes` at the output resolution and also yields them as "boxes", None yields no "mask". Build it with
     `ImageListDataset.scan(records, ...)` so that unusable files are dropped at setup; the constructor checks
     only that ids are unique and file-name safe (ValueError otherwise; `id_rule` says in the message how the
     reader forms ids) and trusts its records. If a file becomes unreadable after the scan, or a mask takes
@@ -113,4 +113,5 @@ class ImageListDataset(Dataset):
             sample["mask"] = out_mask
         elif self.truth == "box":
             sample["mask"] = torch.from_numpy(boxes_to_mask(self.image_size, self.image_size, out_boxes))
+            sample["boxes"] = out_boxes  # for scoring the box around a prediction (metrics.mean_box_iou)
         return sample

@@ -1,20 +1,26 @@
-"""Stage "report": results.json and results.md from whatever the run's stages have produced.
+"""Stage "report": results.json, results.md and index.html from whatever the run's stages have produced.
 
 The table is the paper's ladder (M_pre, M, U-Net on each mask source, supervised U-Net) beside the
 baselines; a row a stage has not produced is absent, never zero. Rows and figures are those the stages
-declare (pipeline/registry.py), in the pipeline's order.
+declare (pipeline/registry.py), in the pipeline's order. index.html (report_page.py) adds the figures, data
+counts, timings, links to the weights and the settings, in one page that needs no network.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from conceptdistill.pipeline.context import RunContext, command_line
 from conceptdistill.pipeline.registry import pipeline_order, register_stage, stage_spec
+from conceptdistill.report_page import BOX_COLUMNS, percent, report_page, table_columns
 from conceptdistill.utils.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -93,12 +99,16 @@ def _packaged_world_training(ctx: RunContext) -> dict:
 
 
 def markdown(results: dict, labels: dict[str, str]) -> str:
+    columns = table_columns(results["rows"])
     lines = [f"# {results['experiment']}: concept {', '.join(results['concept'])}", "",
              f"Made on {results['date']} (commit {results['git_commit']}) by:", "", f"    {results['command']}", "",
-             "Pooled over the test images, in %:", "", "| method | acc | IoU | mIoU |", "|---|---|---|---|"]
+             "Pooled over the test images, in %:", "",
+             "| method | " + " | ".join(header for _, header in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, row in results["rows"].items():
-        lines.append(f"| {labels[key]} | {100 * row['acc']:.1f} | {100 * row['iou']:.1f} | {100 * row['miou']:.1f} |")
+        lines.append(f"| {labels[key]} | " + " | ".join(percent(row, column) for column, _ in columns) + " |")
     lines.append("")
+    if any(key == "iou_box" for key, _ in columns):
+        lines += [f"- {label} (`{key}`): {definition}." for key, label, definition in BOX_COLUMNS] + [""]
     for key in ("attention_auc", "prompt_fidelity", "background_fidelity"):
         if results.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {results[key]:.3f}")
@@ -123,5 +133,30 @@ def run_report(ctx: RunContext) -> dict:
     write_json(folder / "results.json", results)
     text = markdown(results, dict(table_rows(ctx.full_cfg)))
     (folder / "results.md").write_text(text)
+    page = report_page(results, dict(table_rows(ctx.full_cfg)), folder=folder, settings=settings_text(ctx.full_cfg),
+                       weights=weight_links(ctx, folder))
+    (folder / "index.html").write_text(page, encoding="utf-8")
     print(text)
-    return {"results": str(folder / "results.json"), "rows": list(results["rows"])}
+    return {"results": str(folder / "results.json"), "rows": list(results["rows"]), "page": str(folder / "index.html")}
+
+
+def settings_text(cfg) -> str:
+    """The composed config as YAML, interpolations resolved where they can be (an unset environment variable
+    of an unused data set cannot, and is then shown as written)."""
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_yaml(cfg)
+
+
+def weight_links(ctx: RunContext, folder) -> dict[str, str]:
+    """Name -> path relative to the report folder of the run's trained weights that exist: the fine-tuned
+    diffusion weights (finetune/weights) and each finished segmenter (segment/<source>/final.ckpt)."""
+    found = {}
+    weights = ctx.layout.finetuned_weights()
+    if weights.exists():
+        found["fine-tuned diffusion weights"] = weights
+    for checkpoint in sorted(ctx.layout.stage_dir("segment").glob("*/final.ckpt")):
+        found[f"segmenter {checkpoint.parent.name}"] = checkpoint
+    return {name: os.path.relpath(path, folder).replace(os.sep, "/") + ("/" if path.is_dir() else "")
+            for name, path in found.items()}

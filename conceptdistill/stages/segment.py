@@ -4,7 +4,8 @@ One model per mask source, each trained for the same fixed budget with no tuning
 `preliminary` (D, M_pre), `refined` (D, M), `refined+synthetic` (D, M) u D'_s, and `truth` (the supervised
 upper bound, where the data set has masks). The segmenter is modules/segmenter.py (config `segment.module`);
 each is scored on the test split with pixels pooled over the split (accuracy, foreground IoU, mIoU at the
-threshold) and the per-image mean IoU beside them.
+threshold) and the per-image mean IoU beside them; on box-scored data sets also by both box protocols
+(`iou_mask_vs_box` = the pooled IoU against the rasterised boxes, `iou_box`: docs/METHOD.md, "Scoring").
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from hydra.utils import instantiate
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import ConcatDataset, Dataset
 
+from conceptdistill.data.geometry import union_pixel_box
 from conceptdistill.data.masked import MaskedImages
 from conceptdistill.data.stream import checkpoint_step, step_loader
 from conceptdistill.evaluation import log_results
 from conceptdistill.figures import save_grid
+from conceptdistill.metrics import mean_box_iou
 from conceptdistill.modules.segmenter import SegmentationModel
 from conceptdistill.pipeline.artifacts import SampleIds, with_output
 from conceptdistill.pipeline.context import RunContext, finish_loggers
@@ -116,6 +119,10 @@ def run_segment(ctx: RunContext) -> dict:
             tester = ctx.trainer(f"segment-{source}", logger=False, default_root_dir=str(ctx.layout.segmenter_dir(source)))
             scores = tester.test(model, ctx.datamodule.loader(test, batch_size=seg.batch_size), verbose=False)[0]
             rows[ROW_NAMES[source]] = {k.removeprefix("test/"): float(v) for k, v in scores.items()}
+            if ctx.datamodule.truth == "box":
+                row = rows[ROW_NAMES[source]]
+                row["iou_mask_vs_box"] = row["iou"]
+                row["iou_box"] = box_iou_of(model, ctx.datamodule.loader(test, batch_size=seg.batch_size))
             figure_columns[source] = _predictions(model, test, seg.figure_samples)
     summary = {"rows": rows}
     figures = {}
@@ -134,3 +141,23 @@ def _predictions(model: SegmentationModel, dataset: Dataset, count: int) -> list
     model.eval()
     images = torch.stack([dataset[i]["image"] for i in range(min(count, len(dataset)))])
     return list((model.cpu()(images) > model.hparams.threshold).numpy())
+
+
+@torch.no_grad()
+def box_iou_of(model: SegmentationModel, loader) -> float:
+    """The box protocol's `iou_box` of a segmenter on a box-scored test set (metrics.mean_box_iou): the box
+    around each thresholded prediction against the union box of the sample's truth "boxes" (carried by
+    MaskedImages at the segmenter's size), averaged over images; a fraction in [0, 1].
+
+    The segmenter's own test step scores masks only, so this is one more pass over the test set, in float32 on
+    the device the model is on. Every process of a multi-GPU run scores the whole set, so all agree.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    ious, images = 0.0, 0
+    for batch in loader:
+        masks = (model(batch["image"].to(device)) > model.hparams.threshold).cpu().numpy()
+        boxes = [union_pixel_box(*mask.shape, image_boxes) for mask, image_boxes in zip(masks, batch["boxes"], strict=True)]
+        ious += mean_box_iou(list(masks), boxes) * len(masks)
+        images += len(masks)
+    return ious / images
