@@ -11,11 +11,16 @@ from conceptdistill.metrics import SegmentationScores
 
 
 class SegmentationModel(pl.LightningModule):
-    """A smp model (one factory call) trained with BCE and Adam, scored with pooled metrics."""
+    """A smp model (one factory call) trained with BCE and Adam, scored with pooled metrics.
+
+    `image_size` is the side S of the square images it was trained on (stage segment sets it from
+    `segment.image_size`); it is stored with the weights so that a checkpoint alone says how to prepare new
+    images (conceptdistill.api). None in checkpoints written before it was recorded.
+    """
 
     def __init__(self, *, arch: str = "unet", encoder_name: str = "resnet18", encoder_weights: str | None = None,
                  encoder_depth: int = 5, decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
-                 learning_rate: float = 2e-3, threshold: float = 0.5) -> None:
+                 learning_rate: float = 2e-3, threshold: float = 0.5, image_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         import segmentation_models_pytorch as smp
