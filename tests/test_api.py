@@ -128,7 +128,7 @@ def test_probabilities_batches_and_devices(predicted):
     for batch_size in (1, 2, 3, 64):  # batch-mates change nothing
         for mask, again in zip(masks, segmenter.predict(pictures, batch_size=batch_size), strict=True):
             np.testing.assert_array_equal(mask, again, err_msg=f"batch_size={batch_size}")
-    stacked = torch.stack([torch.from_numpy(np.asarray(p.resize((24, 20)))).permute(2, 0, 1) for p in pictures])
+    stacked = torch.stack([torch.from_numpy(np.array(p.resize((24, 20)))).permute(2, 0, 1) for p in pictures])
     assert len(segmenter.predict(stacked)) == len(pictures)  # a 4-D tensor is a batch
 
 
