@@ -10,12 +10,34 @@ import torch.nn.functional as F
 from conceptdistill.metrics import SegmentationScores
 
 
+def foreground_probability(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Foreground probability (B, H, W) in [0, 1] of images (B, 3, H, W) in [0, 1], from a one-class smp model."""
+    return torch.sigmoid(net(images * 2 - 1)[:, 0])
+
+
+class ForegroundProbability(torch.nn.Module):
+    """`SegmentationModel.forward` as a plain torch module sharing its network (no Lightning attributes), for
+    `torch.jit.trace` and `torch.onnx.export`."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return foreground_probability(self.net, images)
+
+
 class SegmentationModel(pl.LightningModule):
-    """A smp model (one factory call) trained with BCE and Adam, scored with pooled metrics."""
+    """A smp model (one factory call) trained with BCE and Adam, scored with pooled metrics.
+
+    `image_size` is the side S of the square images it was trained on (stage segment sets it from
+    `segment.image_size`); it is stored with the weights so that a checkpoint alone says how to prepare new
+    images (conceptdistill.api). None in checkpoints written before it was recorded.
+    """
 
     def __init__(self, *, arch: str = "unet", encoder_name: str = "resnet18", encoder_weights: str | None = None,
                  encoder_depth: int = 5, decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
-                 learning_rate: float = 2e-3, threshold: float = 0.5) -> None:
+                 learning_rate: float = 2e-3, threshold: float = 0.5, image_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         import segmentation_models_pytorch as smp
@@ -26,7 +48,12 @@ class SegmentationModel(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Foreground probability (B, H, W) of images (B, 3, H, W) in [0, 1]."""
-        return torch.sigmoid(self.net(images * 2 - 1)[:, 0])
+        return foreground_probability(self.net, images)
+
+    def probability_module(self) -> ForegroundProbability:
+        """`forward` as a plain torch module (the same weights, in this model's train/eval mode), for tracing and
+        ONNX export."""
+        return ForegroundProbability(self.net).train(self.training)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits = self.net(batch["image"] * 2 - 1)[:, 0]

@@ -7,6 +7,7 @@ A run folder holds one subfolder per stage; a stage is complete when its folder 
     <run>/inpaint/<split>/{background,mask,skipped}/<id>.*
     <run>/synthesize/samples/{image,prelim_mask,background,mask,foreground}/<id>.png
     <run>/segment/<source>/{last,final}.ckpt                one folder per mask source ('+' -> '_')
+    <run>/export/<source>/segmenter.{pt,onnx}, export.json  the segmenter as TorchScript and ONNX
     <run>/world/{build,checkpoints,pipeline}/               the shapes world's trained diffusion model
     <run>/report/results.{json,md}, *.png
 
@@ -74,6 +75,10 @@ class RunLayout:
     def segmenter_checkpoint(self, source: str) -> Path:
         """The trained segmenter of one mask source (written once its training has finished)."""
         return self.segmenter_dir(source) / "final.ckpt"
+
+    def export_dir(self, source: str) -> Path:
+        """Stage export's folder for one mask source's segmenter ('+' -> '_', as `segmenter_dir`)."""
+        return self.stage_dir("export") / source.replace("+", "_")
 
     def world_model(self) -> Path:
         """The diffusers-layout folder of the shapes world model a `world` stage trained in this run."""

@@ -85,7 +85,8 @@ def train_segmenter(ctx: RunContext, source: str) -> SegmentationModel:
     # Initial weights from (seed, source) alone, never from what ran earlier in the process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(ctx.cfg.seed, source, "segment-init"))
-        model = instantiate(seg.module, _convert_="all")
+        # the training size travels with the weights: a checkpoint alone says how to prepare new images
+        model = instantiate(seg.module, image_size=int(seg.image_size), _convert_="all")
     checkpoints = ModelCheckpoint(dirpath=source_dir, save_last=True, every_n_train_steps=seg.checkpoint_every)
     trainer = ctx.trainer(f"segment-{source}", max_steps=seg.max_steps, callbacks=[checkpoints],
                           log_every_n_steps=20, default_root_dir=str(source_dir))
