@@ -179,3 +179,17 @@ def test_errors_say_what_to_do(predicted, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cpu'"):
             Segmenter.from_run(run_dir, "preliminary", device="cuda")
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_predict_resizes_as_the_segmenter_was_trained_whatever_this_commands_segment_size(predicted, tmp_path):
+    """A later `stages=[predict]` command need not repeat the run's settings: the checkpoint says its size (the
+    stage used this command's segment.image_size, and wrote other masks with exit code 0)."""
+    run_dir, images = predicted
+    output = tmp_path / "masks-at-64"
+    run(compose([*tiny_run_overrides(Path("/unused")), "stages=[predict]", "predict.source=preliminary",
+                 f"predict.input_dir={images}", f"predict.output_dir={output}", "segment.image_size=64"],
+                run_dir=run_dir))
+    for path in sorted(images.iterdir()):
+        name = f"{path.stem.replace(' ', '_')}.png"
+        assert np.array_equal(load_mask_png(output / "mask" / name), stage_mask(run_dir, path)), name

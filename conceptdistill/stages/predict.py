@@ -44,14 +44,14 @@ class OriginalSizeMaskWriter(SampleWriter):
             self.store.save(sample["id"], "mask", mask)
 
 
-def prediction_fingerprint(ctx: RunContext, checkpoint: Path, records) -> str:
+def prediction_fingerprint(ctx: RunContext, checkpoint: Path, records, image_size: int) -> str:
     """Hash of what makes a folder of predicted masks: the checkpoint's content, the settings, and each input
     image's path, size and modification time."""
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    digest.update(json.dumps(result_settings(ctx.cfg, ("predict", "segment.image_size")), sort_keys=True).encode())
+    digest.update(json.dumps([result_settings(ctx.cfg, ("predict",)), image_size], sort_keys=True).encode())
     for record in records:
         stat = Path(record.image).stat()
         digest.update(f"{record.id}\0{Path(record.image).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -77,7 +77,10 @@ def run_predict(ctx: RunContext) -> dict:
             f"(stages=[segment] with hydra.run.dir=<run>), or give predict.checkpoint=/path/to/final.ckpt"
         )
     model = SegmentationModel.load_from_checkpoint(checkpoint, map_location="cpu")
-    images = ImageFolderDataModule(root=pr.input_dir, image_size=ctx.cfg.segment.image_size, batch_size=pr.batch_size,
+    # The size the segmenter was trained at, as its checkpoint records it: this command's segment.image_size is
+    # only the config's default, not necessarily the run's (older checkpoints do not record it).
+    trained_size = model.hparams.get("image_size") or ctx.cfg.segment.image_size
+    images = ImageFolderDataModule(root=pr.input_dir, image_size=int(trained_size), batch_size=pr.batch_size,
                                    num_workers=0)
     dataset = images.dataset("train")
     sizes = {record.id: image_size(record.image) for record in dataset.records}  # as displayed (EXIF applied)
@@ -88,7 +91,7 @@ def run_predict(ctx: RunContext) -> dict:
                          "read as new images by the next run; choose a folder outside the input folder")
     # Masks made from other images, another checkpoint or other settings are never reused: the folder
     # records what made it and is moved aside when that changes.
-    open_output_folder(output, prediction_fingerprint(ctx, checkpoint, dataset.records), "stage predict")
+    open_output_folder(output, prediction_fingerprint(ctx, checkpoint, dataset.records, int(trained_size)), "stage predict")
     store = ArtifactStore(output, {"mask": "mask"})
     todo = pending(dataset, store)
     if len(todo):

@@ -325,3 +325,23 @@ def test_predicting_outside_then_inside_the_run_folder(finished_run, tmp_path):
     run(compose([*base, f"predict.output_dir={tmp_path / 'out'}"], run_dir=run_dir))
     assert not (run_dir / "predict").exists()  # nothing of it lands in the run folder
     assert run(compose(base, run_dir=run_dir))["predict"]["images"] == 2  # then the default folder works
+
+
+def test_any_changed_weight_changes_the_model_fingerprint(tmp_path):
+    """Weights edited in place at the same file size (e.g. a merged LoRA) are a different model: finished
+    stages that read it must rerun (hashing only the ends of large files missed this)."""
+    from safetensors.torch import load_file, save_file
+
+    from conceptdistill.diffusion.loading import model_fingerprint
+    from conceptdistill.diffusion.registry import PACKAGED_WORLD_MODEL
+
+    copy = shutil.copytree(PACKAGED_WORLD_MODEL, tmp_path / "model")
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size > 4 << 20  # a weight file larger than what a partial hash reads
+    before, size = model_fingerprint(copy), weights.stat().st_size
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]  # a tensor in the middle of the file
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    assert model_fingerprint(copy) != before
