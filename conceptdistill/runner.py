@@ -17,7 +17,8 @@ import time
 from omegaconf import DictConfig
 
 from conceptdistill.checks import check_hardware, check_settings
-from conceptdistill.pipeline.context import RunContext, finish_loggers
+from conceptdistill.pipeline.context import RunContext, command_line, finish_loggers
+from conceptdistill.pipeline.layout import move_aside
 from conceptdistill.pipeline.registry import stage_spec
 from conceptdistill.utils.console import quiet_dependencies, set_quiet
 from conceptdistill.utils.io import write_json
@@ -44,6 +45,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     if any(stage_spec(name).reads_data for name in to_run):
         ctx.datamodule  # noqa: B018 - a missing or malformed data set fails here, before any model is loaded
     check_hardware(cfg, to_run)
+    ran_producing = False
     for number, spec in enumerate(specs, start=1):
         stage = spec.name
         name = f"stage {stage} ({number}/{len(specs)})"
@@ -66,12 +68,20 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         seconds = time.perf_counter() - started
         ctx.forget_fingerprints()  # e.g. `world` has just replaced the model that later stages read
         if not spec.always_run:  # an always-run stage is never skipped, and may write outside the run folder
+            inputs = {name: ctx.fingerprint(name) for name in spec.inputs_for(cfg)}
             write_json(
                 ctx.layout.done_file(stage),
-                {"fingerprint": fingerprint, "seconds": round(seconds, 2), "summary": summary},
+                {"fingerprint": fingerprint, "inputs": inputs, "seconds": round(seconds, 2), "command": command_line(),
+                 "summary": summary},
             )
+            ctx.retire_stale_stages()
+            ran_producing = True
         ctx.summaries[stage] = summary
         log.info("%s: done in %.0f s%s", name, seconds, one_line(summary))
+    report = ctx.layout.stage_dir("report")
+    if ran_producing and "report" not in cfg.stages and report.exists():
+        # it describes outputs that have changed since: never leave it where results are looked for
+        move_aside(report, "the report describes earlier outputs (run stages=[report] to make it anew)")
     print(where_results_are(ctx))  # noqa: T201 - the run's last words, in quiet mode too
     return ctx.summaries
 
@@ -90,9 +100,10 @@ def where_results_are(ctx: RunContext) -> str:
     """Where the run's results, trained weights and segmenters are, for the console's last lines."""
     layout = ctx.layout
     lines = [f"run folder: {layout.root}"]
-    report = layout.stage_dir("report") / "results.md"
-    if report.exists():
-        lines.append(f"results:    {report}")
+    report = layout.stage_dir("report")
+    if (report / "results.md").exists():
+        lines.append(f"results:    {report / 'results.md'}")
+        lines.append(f"page:       {report / 'index.html'}")
     if layout.finetuned_weights().exists():
         lines.append(f"weights:    {layout.finetuned_weights()}")
     segmenters = sorted(layout.stage_dir("segment").glob("*/final.ckpt"))

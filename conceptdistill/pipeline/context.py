@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from conceptdistill.pipeline.config import config_view, result_settings
-from conceptdistill.pipeline.layout import RunLayout, open_output_folder
-from conceptdistill.pipeline.registry import INFRASTRUCTURE_KEYS, StageError, stage_spec
+from conceptdistill.pipeline.layout import RunLayout, move_aside, open_output_folder
+from conceptdistill.pipeline.registry import INFRASTRUCTURE_KEYS, StageError, known_stages, stage_spec
 from conceptdistill.utils.io import read_json
 
 if TYPE_CHECKING:
@@ -107,6 +107,27 @@ class RunContext:
     def is_complete(self, stage: str) -> bool:
         record = self.done_record(stage)
         return record is not None and record.get("fingerprint") == self.fingerprint(stage)
+
+    def retire_stale_stages(self) -> list[str]:
+        """Move aside every finished stage whose recorded inputs (DONE.json "inputs") are no longer the outputs
+        on disk: a stage rerun with other settings leaves nothing downstream of it that looks finished, so no
+        file a person or a later command picks up (weights, segmenters, exports) belongs to older inputs.
+        Returns the stages moved aside."""
+        retired: list[str] = []
+        changed = True
+        while changed:
+            changed = False
+            for stage in known_stages():
+                record = self.done_record(stage)
+                for name, fingerprint in ((record or {}).get("inputs") or {}).items():
+                    current = self.done_record(name)
+                    if current is None or current.get("fingerprint") != fingerprint:
+                        move_aside(self.layout.stage_dir(stage), f"stage {stage} was made from outputs of stage "
+                                   f"{name} that have been replaced since")
+                        retired.append(stage)
+                        changed = True
+                        break
+        return retired
 
     def prepare_stage_dir(self, stage: str) -> Path:
         """Open a stage folder for (re)work. Partial work done with the same settings is kept (the stage

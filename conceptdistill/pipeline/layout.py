@@ -85,6 +85,17 @@ class RunLayout:
         return self.stage_dir("world") / "pipeline"
 
 
+def move_aside(folder: Path, why: str) -> Path:
+    """Rename `folder` to ``<name>.stale-<time>`` (never delete work), logging `why`; returns the new path."""
+    stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while stale.exists():  # two retirements within one second
+        stale, suffix = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"), suffix + 1
+    log.warning("%s: moving %s to %s", why, folder, stale)
+    shutil.move(str(folder), str(stale))
+    return stale
+
+
 def open_output_folder(folder: Path, fingerprint: str, what: str) -> Path:
     """Open `folder` for outputs made under `fingerprint` (a hash of what makes them).
 
@@ -103,9 +114,7 @@ def open_output_folder(folder: Path, fingerprint: str, what: str) -> Path:
                 "choose an empty or new folder"
             )
         if marker.read_text().strip() != fingerprint:
-            stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            log.warning("%s: its outputs were made from other inputs or settings: moving them to %s", what, stale)
-            shutil.move(str(folder), str(stale))
+            move_aside(folder, f"{what}: its outputs were made from other inputs or settings")
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint + "\n")
     return folder

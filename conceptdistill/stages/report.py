@@ -38,12 +38,12 @@ def table_rows(cfg) -> list[tuple[str, str]]:
     return [row for stage in pipeline_order(cfg) for row in stage_spec(stage).rows]
 
 
-def collect_results(ctx: RunContext) -> dict:
+def collect_results(ctx: RunContext, current: set[str]) -> dict:
     """results.json's content from the DONE records of the stages that are complete for the current settings:
     a stage whose outputs were made with other settings (or whose inputs changed since) is left out, with a
     warning, so the table never mixes results of different settings."""
     stages = pipeline_order(ctx.full_cfg)
-    records = {stage: ctx.done_record(stage) if _current(ctx, stage) else None for stage in stages}
+    records = {stage: ctx.done_record(stage) if stage in current else None for stage in stages}
     summaries = {stage: (record or {}).get("summary", {}) for stage, record in records.items()}
     rows: dict = {}
     for stage in stages:
@@ -74,6 +74,12 @@ def collect_results(ctx: RunContext) -> dict:
     if summaries["synthesize"]:
         results["synthetic"] = summaries["synthesize"]
     return results
+
+
+def current_stages(ctx: RunContext) -> set[str]:
+    """The stages whose outputs are complete for this command's settings; the others are left out, with a
+    warning each."""
+    return {stage for stage in pipeline_order(ctx.full_cfg) if _current(ctx, stage)}
 
 
 def _current(ctx: RunContext, stage: str) -> bool:
@@ -121,9 +127,12 @@ def markdown(results: dict, labels: dict[str, str]) -> str:
 @register_stage("report", settings=("concept",), always_run=True, reads_data=False)
 def run_report(ctx: RunContext) -> dict:
     folder = ctx.stage_dir("report")
-    results = collect_results(ctx)
+    current = current_stages(ctx)
+    results = collect_results(ctx, current)
     figures = []
     for stage in pipeline_order(ctx.full_cfg):
+        if stage not in current:  # figures of outputs made with other settings are left out too
+            continue
         for name, pattern in stage_spec(stage).figures:
             matches = sorted(ctx.layout.stage_dir(stage).glob(pattern))  # the last match: e.g. the last step's samples
             if matches:
@@ -134,7 +143,7 @@ def run_report(ctx: RunContext) -> dict:
     text = markdown(results, dict(table_rows(ctx.full_cfg)))
     (folder / "results.md").write_text(text)
     page = report_page(results, dict(table_rows(ctx.full_cfg)), folder=folder, settings=settings_text(ctx.full_cfg),
-                       weights=weight_links(ctx, folder))
+                       weights=weight_links(ctx, folder, current))
     (folder / "index.html").write_text(page, encoding="utf-8")
     print(text)
     return {"results": str(folder / "results.json"), "rows": list(results["rows"]), "page": str(folder / "index.html")}
@@ -149,14 +158,15 @@ def settings_text(cfg) -> str:
         return OmegaConf.to_yaml(cfg)
 
 
-def weight_links(ctx: RunContext, folder) -> dict[str, str]:
+def weight_links(ctx: RunContext, folder, current: set[str]) -> dict[str, str]:
     """Name -> path relative to the report folder of the run's trained weights that exist: the fine-tuned
     diffusion weights (finetune/weights) and each finished segmenter (segment/<source>/final.ckpt)."""
     found = {}
     weights = ctx.layout.finetuned_weights()
-    if weights.exists():
+    if weights.exists() and "finetune" in current:
         found["fine-tuned diffusion weights"] = weights
-    for checkpoint in sorted(ctx.layout.stage_dir("segment").glob("*/final.ckpt")):
-        found[f"segmenter {checkpoint.parent.name}"] = checkpoint
+    if "segment" in current:
+        for checkpoint in sorted(ctx.layout.stage_dir("segment").glob("*/final.ckpt")):
+            found[f"segmenter {checkpoint.parent.name}"] = checkpoint
     return {name: os.path.relpath(path, folder).replace(os.sep, "/") + ("/" if path.is_dir() else "")
             for name, path in found.items()}

@@ -345,3 +345,22 @@ def test_any_changed_weight_changes_the_model_fingerprint(tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     assert weights.stat().st_size == size
     assert model_fingerprint(copy) != before
+
+
+def test_rerunning_a_stage_moves_aside_everything_made_from_its_old_outputs(finished_run, tmp_path, capsys):
+    """After masks rerun with other settings, nothing downstream of the old masks looks finished: fine-tuned
+    weights, segmenters and the report are moved aside (kept), so no command or person picks them up."""
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    base = [o for o in overrides if not o.startswith("stages=")]
+    run(compose([*base, "masks.module.filter_size=5", "stages=[masks]"], run_dir=run_dir))
+    present = {p.name for p in run_dir.iterdir() if p.is_dir() and ".stale-" not in p.name}
+    assert present == {"masks"}
+    for stage in ["finetune", "inpaint", "synthesize", "segment", "report"]:
+        assert len(list(run_dir.glob(f"{stage}.stale-*"))) == 1, stage
+    closing = capsys.readouterr().out
+    assert "segmenter:" not in closing and "weights:" not in closing and "results:" not in closing
+    images = write_images(tmp_path / "in", 0)
+    with pytest.raises(FileNotFoundError, match="no segmentation checkpoint"):
+        run(compose([*base, "stages=[predict]", f"predict.input_dir={images}"], run_dir=run_dir))
