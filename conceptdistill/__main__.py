@@ -6,6 +6,7 @@ torch, diffusers and lightning when they run.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,26 @@ def normalise_overrides(arguments: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> dict:
     from conceptdistill.runner import run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except user_errors() as err:
+        # A setting, a data folder or a model folder this run cannot use: the message says what to do; a
+        # traceback through Hydra and Lightning would only bury it. (HYDRA_FULL_ERROR=1 shows it anyway.)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{type(err).__module__}.{type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "the inputs or settings are wrong", not "the program is" (imported when needed:
+    they pull in torch, which `--help` does not need)."""
+    from conceptdistill.checks import SettingsError
+    from conceptdistill.data.readers import DatasetLayoutError
+    from conceptdistill.diffusion.loading import ModelNotFoundError, UnsupportedModelError
+    from conceptdistill.pipeline.registry import StageError
+
+    return SettingsError, DatasetLayoutError, ModelNotFoundError, UnsupportedModelError, StageError
 
 
 def cli() -> None:

@@ -45,6 +45,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     if any(stage_spec(name).reads_data for name in to_run):
         ctx.datamodule  # noqa: B018 - a missing or malformed data set fails here, before any model is loaded
     check_hardware(cfg, to_run)
+    if "world" not in to_run and any(stage_spec(name).uses_model for name in to_run):
+        ctx.check_model_settings()  # a concept or image size the model cannot take fails before anything moves
     ran_producing = False
     for number, spec in enumerate(specs, start=1):
         stage = spec.name

@@ -81,3 +81,11 @@ def test_the_command_and_its_help_explain_stages_experiments_and_examples(tmp_pa
                            text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert "experiment: cub_birds" in shown.stdout
+
+
+def test_a_wrong_setting_is_one_line_without_a_traceback(tmp_path):
+    result = cli("stages=[mask]", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "conceptdistill.pipeline.registry.StageError: unknown stage 'mask'; choose from")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from functools import cached_property
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RunContext", "command_line", "finish_loggers"]
 
+log = logging.getLogger(__name__)
+
 
 class RunContext:
     """What a stage needs: the config, the run folder, the data, trainers and loggers.
@@ -50,6 +53,7 @@ class RunContext:
         # Fingerprints depend on the config (fixed for the run) and on the model folder, which a `world` stage
         # replaces: they are memoised and forgotten whenever a stage finishes.
         self._fingerprints: dict[str, str] = {}
+        self._checked_parts: DiffusionParts | None = None  # loaded by check_model_settings, handed to one stage
 
     # ----- folders and completion ---------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -82,6 +86,7 @@ class RunContext:
     def forget_fingerprints(self) -> None:
         """Called after each stage: a stage may have changed what fingerprints hash (the model folder)."""
         self._fingerprints.clear()
+        self._checked_parts = None  # and the model itself (stage world)
 
     def model_fingerprint(self) -> str:
         from conceptdistill.diffusion.loading import model_fingerprint
@@ -184,6 +189,9 @@ class RunContext:
         from conceptdistill.diffusion.parts import check_image_size
 
         cfg = self.full_cfg
+        if not finetuned and self._checked_parts is not None:  # the model check_model_settings loaded
+            parts, self._checked_parts = self._checked_parts, None
+            return parts
         on_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
         dtype = getattr(torch, str(cfg.diffusion.dtype)) if on_gpu else torch.float32
         parts = load_diffusion_parts(
@@ -195,6 +203,24 @@ class RunContext:
 
             load_finetuned(parts, self.layout.finetuned_weights())
         return parts
+
+    def check_model_settings(self) -> None:
+        """The settings only the model can check, before any stage moves or writes anything: the image size its
+        VAE takes, and the concept words as whole words of the foreground prompt in its tokenizer.
+
+        Raises:
+            ValueError: naming `data.image_size`, or the concept word that is not a whole word of the prompt.
+        """
+        from conceptdistill.diffusion.tokenizer import concept_token_indices
+
+        parts = self.load_parts()
+        concept_token_indices(parts.tokenizer, self.full_cfg.prompts.foreground, list(self.full_cfg.concept))
+        size, native = int(self.full_cfg.data.image_size), parts.native_image_size
+        if size >= 2 * native or 2 * size <= native:
+            log.warning("data.image_size=%d but this model's native size is %d px (its UNet's sample size times the "
+                        "VAE factor): set diffusion.resolution=%d if the model folder is not the one the diffusion "
+                        "config describes", size, native, native)
+        self._checked_parts = parts  # the first stage that loads the model gets these
 
     def logger(self, stage: str):
         """A fresh experiment logger for one stage job (or None), grouped by run folder."""

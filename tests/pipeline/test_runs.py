@@ -364,3 +364,16 @@ def test_rerunning_a_stage_moves_aside_everything_made_from_its_old_outputs(fini
     images = write_images(tmp_path / "in", 0)
     with pytest.raises(FileNotFoundError, match="no segmentation checkpoint"):
         run(compose([*base, "stages=[predict]", f"predict.input_dir={images}"], run_dir=run_dir))
+
+
+@pytest.mark.parametrize("bad", ["concept=[square]", "data.image_size=33"])
+def test_a_setting_the_model_refuses_fails_before_finished_work_is_moved(finished_run, tmp_path, bad):
+    """A concept word missing from the prompt or an image size the VAE cannot take used to fail only after the
+    masks stage had moved the finished masks aside."""
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    with pytest.raises(ValueError, match="concept|data.image_size"):
+        run(compose([*overrides, bad], run_dir=run_dir))
+    assert not list(run_dir.glob("*.stale-*"))
+    assert stale_stages(run_dir, overrides) == []
