@@ -85,7 +85,8 @@ class ImageFolderDataModule(FileDataModule):
         "<any sub/folders>/<name>.jpg|jpeg|png|bmp|tif|webp (recursively; optional train/ and test/ subfolders), "
         "and optionally a masks folder (masks_root) with <same relative path>.png"
     )
-    source = "any images of the concept; masks, if any, are binary or gray PNGs of the same size"
+    source = ("any images of the concept; masks, if any, are PNGs of the same aspect ratio in any common "
+              "encoding (README: how files are read)")
 
     def __init__(self, root=None, *, masks_root: str | None = None, test_fraction: float = 0.0, **kwargs) -> None:
         masks_root = masks_root or os.environ.get("IMAGE_FOLDER_MASKS") or None
