@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 from functools import cached_property
 from pathlib import Path
@@ -263,8 +264,9 @@ class RunContext:
 
 
 def command_line() -> str:
-    """How this run was started, for the records it writes (results.json, a world model's training.json)."""
-    return "python -m conceptdistill " + " ".join(sys.argv[1:])
+    """How this run was started, for the records it writes (results.json, DONE.json, a world model's
+    training.json): shell-quoted, so that it can be pasted back (`'prompts.foreground="a photo of a cat"'`)."""
+    return shlex.join(["python", "-m", "conceptdistill", *sys.argv[1:]])
 
 
 def finish_loggers() -> None:
