@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from conceptdistill.data.base import collate_samples
 from conceptdistill.data.stream import checkpoint_step, step_loader
@@ -17,6 +16,7 @@ from conceptdistill.modules.callbacks import LossHistory, SampleImagesCallback, 
 from conceptdistill.pipeline.artifacts import WithArtifacts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
+from conceptdistill.utils.checkpoints import resumable_checkpoints
 from conceptdistill.utils.io import write_json
 
 
@@ -35,7 +35,7 @@ def run_finetune(ctx: RunContext) -> dict:
     history = LossHistory()
     checkpoints = ctx.layout.checkpoints("finetune")
     callbacks = [
-        ModelCheckpoint(dirpath=checkpoints, save_last=True, every_n_train_steps=ft.checkpoint_every),
+        resumable_checkpoints(checkpoints, ft.checkpoint_every),
         SampleImagesCallback(folder / "samples", examples, every=ft.sample_every, steps=ft.sample_steps, seed=cfg.seed),
         history,
     ]

@@ -15,7 +15,6 @@ import logging
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import ConcatDataset, Dataset
 
 from conceptdistill.data.geometry import union_pixel_box
@@ -28,6 +27,7 @@ from conceptdistill.modules.segmenter import SegmentationModel
 from conceptdistill.pipeline.artifacts import SampleIds, with_output
 from conceptdistill.pipeline.context import RunContext, finish_loggers
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
+from conceptdistill.utils.checkpoints import resumable_checkpoints
 from conceptdistill.utils.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def train_segmenter(ctx: RunContext, source: str) -> SegmentationModel:
         torch.manual_seed(sample_seed(ctx.cfg.seed, source, "segment-init"))
         # the training size travels with the weights: a checkpoint alone says how to prepare new images
         model = instantiate(seg.module, image_size=int(seg.image_size), _convert_="all")
-    checkpoints = ModelCheckpoint(dirpath=source_dir, save_last=True, every_n_train_steps=seg.checkpoint_every)
+    checkpoints = resumable_checkpoints(source_dir, seg.checkpoint_every)
     trainer = ctx.trainer(f"segment-{source}", max_steps=seg.max_steps, callbacks=[checkpoints],
                           log_every_n_steps=20, default_root_dir=str(source_dir))
     last = source_dir / "last.ckpt"

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from conceptdistill.data.stream import checkpoint_step, step_loader
 from conceptdistill.evaluation import log_results
 from conceptdistill.figures import save_grid
 from conceptdistill.pipeline.context import RunContext, command_line
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
+from conceptdistill.utils.checkpoints import resumable_checkpoints
 from conceptdistill.utils.io import write_json
 from conceptdistill.world.datamodule import ShapesWorldDataModule
 
@@ -123,7 +123,7 @@ def _train(ctx: RunContext, parts, folder) -> dict:
     module = instantiate(world_cfg.module, _convert_="all")(parts)
     pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
     images = ctx.datamodule.caption_dataset(world_cfg.num_images)
-    checkpoints = ModelCheckpoint(dirpath=ctx.layout.checkpoints("world"), save_last=True, every_n_train_steps=world_cfg.checkpoint_every)
+    checkpoints = resumable_checkpoints(ctx.layout.checkpoints("world"), world_cfg.checkpoint_every)
     trainer = ctx.trainer(
         "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
         log_every_n_steps=20, max_time=datetime.timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,

@@ -18,3 +18,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial = path.with_name(f".{path.name}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
         os.replace(partial, path)
+
+
+def resumable_checkpoints(folder, every_n_steps: int):
+    """Lightning's ModelCheckpoint keeping only `folder/last.ckpt`, rewritten every `every_n_steps` steps: what a
+    killed run resumes from. (The default also keeps an `epoch=..-step=..ckpt` copy of the same weights, which
+    doubles the disk a fine-tuning run takes: its checkpoints hold the whole model.)"""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=every_n_steps)
