@@ -378,12 +378,3 @@ def test_a_setting_the_model_refuses_fails_before_finished_work_is_moved(finishe
     assert not list(run_dir.glob("*.stale-*"))
     assert stale_stages(run_dir, overrides) == []
 
-
-def test_training_stages_keep_one_resumable_checkpoint(finished_run):
-    """Only last.ckpt (and the segmenters' final.ckpt): an extra epoch=..ckpt copy doubled the disk a run
-    takes (a fine-tuning checkpoint holds the whole diffusion model)."""
-    run_dir, _ = finished_run
-    assert sorted(p.name for p in (run_dir / "finetune" / "checkpoints").iterdir()) == ["last.ckpt"]
-    for source in (run_dir / "segment").iterdir():
-        if source.is_dir():
-            assert sorted(p.name for p in source.glob("*.ckpt")) == ["final.ckpt", "last.ckpt"], source.name
