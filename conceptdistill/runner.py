@@ -70,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         seconds = time.perf_counter() - started
         ctx.forget_fingerprints()  # e.g. `world` has just replaced the model that later stages read
         if not spec.always_run:  # an always-run stage is never skipped, and may write outside the run folder
-            inputs = {name: ctx.fingerprint(name) for name in spec.inputs_for(cfg)}
+            inputs = {read: ctx.fingerprint(read) for read in spec.inputs_for(cfg)}
             write_json(
                 ctx.layout.done_file(stage),
                 {"fingerprint": fingerprint, "inputs": inputs, "seconds": round(seconds, 2), "command": command_line(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,19 +42,29 @@ def compose_config():
     return compose
 
 
-@pytest.fixture
-def single_thread(monkeypatch):
-    """One torch thread for tiny models, also inside `run()` (which would take every core). On a shared
-    2-core machine two OpenMP threads fighting another process run a tiny UNet 10-100x slower."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread for tiny models, also inside `run()` (which would take every core), restored after. On a
+    shared 2-core machine two OpenMP threads fighting another process run a tiny UNet 10-100x slower. A context
+    manager, so that module-scoped fixtures (which cannot use monkeypatch) share it."""
     import torch
 
     from conceptdistill import runner
 
-    threads = torch.get_num_threads()
+    threads, configure = torch.get_num_threads(), runner._configure_torch
     torch.set_num_threads(1)
-    monkeypatch.setattr(runner, "_configure_torch", lambda: torch.set_num_threads(1))
-    yield
-    torch.set_num_threads(threads)
+    runner._configure_torch = lambda: torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        runner._configure_torch = configure
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def single_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

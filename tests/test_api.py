@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, one_torch_thread
 from PIL import Image
 from test_end_to_end import TINY_STEPS
 
@@ -43,12 +43,7 @@ def write_new_images(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory, tiny_model):
     """A tiny finished run (one segmenter, source preliminary) and stage predict's masks of new images."""
-    from conceptdistill import runner
-
-    threads, configure = torch.get_num_threads(), runner._configure_torch
-    torch.set_num_threads(1)
-    runner._configure_torch = lambda: torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run_dir = tmp_path_factory.mktemp("api") / "run"
         images = write_new_images(tmp_path_factory.mktemp("new-images"))
         overrides = tiny_run_overrides(tiny_model)
@@ -56,9 +51,6 @@ def predicted(tmp_path_factory, tiny_model):
         run(compose([*overrides, "stages=[predict]", "predict.source=preliminary", f"predict.input_dir={images}"],
                     run_dir=run_dir))
         yield run_dir, images
-    finally:
-        runner._configure_torch = configure
-        torch.set_num_threads(threads)
 
 
 def stage_mask(run_dir: Path, image: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import compose, one_torch_thread
 from test_end_to_end import ALL_STAGES, TINY_STEPS
 
 from conceptdistill.report_page import BOX_COLUMNS, report_page
@@ -58,21 +58,11 @@ def browser():
 @pytest.fixture(scope="module")
 def moved_run(tmp_path_factory, tiny_model):
     """A finished tiny shapes-world run, moved to another folder after it was written (as a copied run is)."""
-    import torch
-
-    from conceptdistill import runner
-
-    threads = torch.get_num_threads()
-    configure, runner._configure_torch = runner._configure_torch, lambda: torch.set_num_threads(1)
-    torch.set_num_threads(1)
-    try:
-        folder = tmp_path_factory.mktemp("report-page")
-        cfg = compose([f"stages=[{','.join(ALL_STAGES)}]", f"diffusion.path={tiny_model}", "data.num_train=8",
-                       "data.num_test=4", "logger=none", *TINY_STEPS], run_dir=folder / "run")
+    folder = tmp_path_factory.mktemp("report-page")
+    cfg = compose([f"stages=[{','.join(ALL_STAGES)}]", f"diffusion.path={tiny_model}", "data.num_train=8",
+                   "data.num_test=4", "logger=none", *TINY_STEPS], run_dir=folder / "run")
+    with one_torch_thread():
         run(cfg)
-    finally:
-        runner._configure_torch = configure
-        torch.set_num_threads(threads)
     moved = shutil.move(folder / "run", folder / "copied-elsewhere")
     return Path(moved), cfg
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, compose
+from conftest import REPO, compose, one_torch_thread
 from omegaconf import OmegaConf
 from PIL import Image
 from test_end_to_end import ALL_STAGES, TINY_STEPS
@@ -46,20 +46,10 @@ def overrides_for(model: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model):
-    import torch as _torch
-
-    threads = _torch.get_num_threads()
-    _torch.set_num_threads(1)
-    from conceptdistill import runner
-
-    configure, runner._configure_torch = runner._configure_torch, lambda: _torch.set_num_threads(1)
-    try:
-        run_dir = tmp_path_factory.mktemp("finished") / "run"
-        overrides = [f"stages=[{','.join(ALL_STAGES)}]", *overrides_for(tiny_model)]
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    overrides = [f"stages=[{','.join(ALL_STAGES)}]", *overrides_for(tiny_model)]
+    with one_torch_thread():
         run(compose(overrides, run_dir=run_dir))
-    finally:
-        runner._configure_torch = configure
-        _torch.set_num_threads(threads)
     return run_dir, overrides
 
 

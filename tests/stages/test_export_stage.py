@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, one_torch_thread
 from test_api import stage_mask, tiny_run_overrides, write_new_images
 
 from conceptdistill.data.datasets.image_folder import ImageFolderDataModule
@@ -26,12 +26,7 @@ TOLERANCE = 1e-4  # conf/export/default.yaml
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model):
     """A tiny finished run (source preliminary), exported, with stage predict's masks of new images."""
-    from conceptdistill import runner
-
-    threads, configure = torch.get_num_threads(), runner._configure_torch
-    torch.set_num_threads(1)
-    runner._configure_torch = lambda: torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run_dir = tmp_path_factory.mktemp("export") / "run"
         images = write_new_images(tmp_path_factory.mktemp("new-images"))
         overrides = [*tiny_run_overrides(tiny_model), "export.sources=[preliminary]"]
@@ -39,9 +34,6 @@ def exported(tmp_path_factory, tiny_model):
         run(compose([*overrides, "stages=[predict]", "predict.source=preliminary", f"predict.input_dir={images}"],
                     run_dir=run_dir))
         yield run_dir, images, overrides
-    finally:
-        runner._configure_torch = configure
-        torch.set_num_threads(threads)
 
 
 def test_exports_give_the_predict_stage_masks(exported):

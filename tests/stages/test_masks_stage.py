@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, compose
+from conftest import REPO, compose, one_torch_thread
 from PIL import Image
 
 from conceptdistill import runner
@@ -42,15 +41,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def masks_run(tiny_model, tmp_path_factory):
     """One complete masks run; returns (overrides, run folder, summaries). Tests must not modify the folder."""
-    torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("masks-run") / "run"
     overrides = mask_overrides(tiny_model)
-    original = runner._configure_torch
-    runner._configure_torch = lambda: torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         summaries = runner.run(compose(overrides, run_dir=run_dir))
-    finally:
-        runner._configure_torch = original
     return overrides, run_dir, summaries
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose
+from conftest import compose, one_torch_thread
 from hydra.utils import instantiate
 from PIL import Image
 from test_end_to_end import TINY_STEPS
@@ -38,14 +38,7 @@ class Case:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model):
-    import torch
-
-    from conceptdistill import runner
-
-    threads, configure = torch.get_num_threads(), runner._configure_torch
-    torch.set_num_threads(1)
-    runner._configure_torch = lambda: torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run_dir = tmp_path_factory.mktemp("per-image") / "run"
         overrides = [f"diffusion.path={tiny_model}", "data.num_train=4", "data.num_test=5", "logger=none", *TINY_STEPS,
                      "segment.sources=[preliminary]", "synthesize.num_samples=5"]
@@ -55,9 +48,6 @@ def finished(tmp_path_factory, tiny_model):
         for index, size in enumerate([(20, 24), (32, 32), (17, 40), (32, 16), (25, 25)]):
             Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / f"photo {index}.png")
         yield RunContext(compose(overrides, run_dir=run_dir)), images
-    finally:
-        runner._configure_torch = configure
-        torch.set_num_threads(threads)
 
 
 def build_case(stage: str, ctx: RunContext, images: Path) -> Case:
