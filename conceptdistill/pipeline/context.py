@@ -190,15 +190,16 @@ class RunContext:
         from conceptdistill.diffusion.parts import check_image_size
 
         cfg = self.full_cfg
-        if not finetuned and self._checked_parts is not None:  # the model check_model_settings loaded
+        if self._checked_parts is not None:  # the untouched model check_model_settings loaded: not loaded twice
             parts, self._checked_parts = self._checked_parts, None
-            return parts
-        on_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-        dtype = getattr(torch, str(cfg.diffusion.dtype)) if on_gpu else torch.float32
-        parts = load_diffusion_parts(
-            self.diffusion_source(), revision=cfg.diffusion.get("revision"), variant=cfg.diffusion.get("variant"), dtype=dtype,
-        )
-        check_image_size(parts, cfg.data.image_size)  # before any image is processed
+        else:
+            on_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+            dtype = getattr(torch, str(cfg.diffusion.dtype)) if on_gpu else torch.float32
+            parts = load_diffusion_parts(
+                self.diffusion_source(), revision=cfg.diffusion.get("revision"), variant=cfg.diffusion.get("variant"),
+                dtype=dtype,
+            )
+            check_image_size(parts, cfg.data.image_size)  # before any image is processed
         if finetuned:
             from conceptdistill.diffusion.adapters import load_finetuned
 
