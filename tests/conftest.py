@@ -77,6 +77,24 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_diffusion_parts(build_tiny_parts(), tmp_path_factory.mktemp("tiny-model") / "pipeline")
 
 
+@pytest.fixture(scope="session")
+def tiny_family_model(request, tmp_path_factory) -> Path:
+    """The seed-0 tiny pipeline of one family ("sdxl", "sd3", "sd35" or "flux"; see diffusion/tiny_families.py),
+    saved by the stock diffusers pipeline as a user's download would be; one folder per family and session.
+    Parametrise indirectly with the family name, in a parametrize call of its own (one that also sets a direct
+    argument gives the parameter function scope, and the folder is rebuilt for every test):
+    ``@pytest.mark.parametrize("tiny_family_model", ["flux"], indirect=True)``."""
+    from conceptdistill.diffusion.tiny_families import save_tiny_model
+
+    family = getattr(request, "param", None)
+    if family is None:
+        raise pytest.UsageError(
+            "tiny_family_model needs a family: @pytest.mark.parametrize('tiny_family_model', ['sdxl'], indirect=True)"
+        )
+    with one_torch_thread():
+        return save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}") / "pipeline", family)
+
+
 # CLIP's BPE table (open_clip's copy): a header line, then merges in rank order. CLIP keeps the first
 # 49152 - 256 - 2 of them, so that 256 bytes + 256 bytes with "</w>" + merges + 2 special tokens = 49408 ids.
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
