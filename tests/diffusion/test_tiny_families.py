@@ -1,9 +1,11 @@
 """Tiny SDXL / SD3 / SD3.5 / FLUX folders load in the stock diffusers pipelines and make images; the offline T5
-tokenizer behaves as T5's."""
+tokenizer behaves as T5's; the real configs in model_configs/ hold the published architectures."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,11 @@ import torch
 
 from conceptdistill.diffusion.tiny import DEFAULT_WORDS
 from conceptdistill.diffusion.tiny_families import (
+    CONFIG_FAMILIES,
     MODEL_CONFIGS,
     TINY_FAMILIES,
+    _parameter_counts,
+    build_from_configs,
     save_tiny_model,
     write_t5_tokenizer,
 )
@@ -222,3 +227,133 @@ def test_tiny_model_refusals(tmp_path: Path) -> None:
     (tmp_path / "full" / "file").write_text("")
     with pytest.raises(FileExistsError):
         save_tiny_model(tmp_path / "full", "flux")
+
+
+# ---------------------------------------------------------------- real configs
+
+EXPECTED_FILES = {
+    "sd15": ["unet", "vae", "text_encoder", "scheduler"],
+    "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2", "scheduler"],
+    "sd3": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler"],
+    "sd35": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler"],
+    "flux": ["transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"],
+}
+
+
+@pytest.mark.parametrize("family", CONFIG_FAMILIES)
+def test_model_configs_are_the_hub_config_files_only(family: str) -> None:
+    folder = MODEL_CONFIGS / family
+    expected = {"model_index.json"} | {
+        f"{part}/{'scheduler_config.json' if part == 'scheduler' else 'config.json'}" for part in EXPECTED_FILES[family]
+    }
+    assert {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} == expected
+    index = json.loads((folder / "model_index.json").read_text())
+    for part in EXPECTED_FILES[family]:
+        assert isinstance(index[part], list), part
+
+
+def test_model_configs_hold_the_published_architectures() -> None:
+    def cfg(family: str, part: str) -> dict:
+        return _real(family, part)
+
+    unet = cfg("sdxl", "unet")
+    assert unet["transformer_layers_per_block"] == [1, 2, 10] and unet["cross_attention_dim"] == 2048
+    assert unet["projection_class_embeddings_input_dim"] == 2816 == 1280 + 6 * unet["addition_time_embed_dim"]
+    assert cfg("sdxl", "vae")["scaling_factor"] == 0.13025
+    assert cfg("sd15", "unet")["cross_attention_dim"] == 768 == cfg("sd15", "text_encoder")["hidden_size"]
+    sd3 = cfg("sd3", "transformer")
+    assert (sd3["num_layers"], sd3["num_attention_heads"], sd3["attention_head_dim"]) == (24, 24, 64)
+    assert (sd3["joint_attention_dim"], sd3["pooled_projection_dim"]) == (4096, 2048)  # T5-XXL; 768 + 1280
+    assert sd3["caption_projection_dim"] == 1536 == 24 * 64
+    sd35 = cfg("sd35", "transformer")
+    assert (sd35["num_layers"], sd35["num_attention_heads"], sd35["qk_norm"]) == (38, 38, "rms_norm")
+    for family, part in (("sd3", "vae"), ("sd35", "vae")):
+        assert (cfg(family, part)["shift_factor"], cfg(family, part)["scaling_factor"]) == (0.0609, 1.5305)
+    flux = cfg("flux", "transformer")
+    assert (flux["num_layers"], flux["num_single_layers"], flux["num_attention_heads"]) == (19, 38, 24)
+    assert (flux["attention_head_dim"], flux["in_channels"], flux["guidance_embeds"]) == (128, 64, True)
+    assert (cfg("flux", "vae")["shift_factor"], cfg("flux", "vae")["scaling_factor"]) == (0.1159, 0.3611)
+    assert cfg("flux", "scheduler")["use_dynamic_shifting"] is True
+    for family, part in (("sd3", "text_encoder_3"), ("sd35", "text_encoder_3"), ("flux", "text_encoder_2")):
+        t5 = cfg(family, part)
+        assert (t5["d_model"], t5["d_ff"], t5["num_layers"], t5["vocab_size"]) == (4096, 10240, 24, 32128)
+        assert t5["feed_forward_proj"] == "gated-gelu"
+
+
+def test_model_config_parameter_counts_match_readme() -> None:
+    """The README's table is what instantiating the configs on the meta device counts."""
+    table = (MODEL_CONFIGS / "README.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| (\w+) \| ([\d,]+) \| [\d.]+ \|$", table, flags=re.MULTILINE)
+    documented: dict[str, dict[str, int]] = {}
+    for family, part, count in rows:
+        documented.setdefault(family, {})[part] = int(count.replace(",", ""))
+    for family in CONFIG_FAMILIES:
+        assert _parameter_counts(family) == documented[family], family
+
+
+def test_build_from_configs_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="family must be one of"):
+        build_from_configs("sd2", tmp_path / "x")
+    with pytest.raises(ValueError, match="num_layers"):
+        build_from_configs("sdxl", tmp_path / "x", num_layers=0)
+
+
+@pytest.fixture
+def big_folder(tmp_path: Path):
+    """A folder for a real-width model (1.3-2 GB), deleted after the test rather than kept with pytest's tmp dirs."""
+    folder = tmp_path / "model"
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sdxl_from_real_configs_with_fewer_layers_loads_and_runs(big_folder: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = build_from_configs("sdxl", big_folder, num_layers=1)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16, local_files_only=True)
+    unet = pipeline.unet
+    assert unet.config.cross_attention_dim == 2048 and unet.config.block_out_channels == [320, 640, 1280]
+    assert unet.config.transformer_layers_per_block == [1, 1, 1] and unet.config.layers_per_block == 1
+    assert pipeline.text_encoder_2.config.num_hidden_layers == 1 and pipeline.tokenizer.model_max_length == 77
+    assert {p.dtype for p in pipeline.text_encoder_2.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        prompt_embeds, _, pooled, _ = pipeline.encode_prompt("a photo of a bird", do_classifier_free_guidance=False)
+        assert prompt_embeds.shape == (1, 77, 2048) and pooled.shape == (1, 1280)
+        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        time_ids = torch.tensor([[128, 128, 0, 0, 128, 128]], dtype=torch.bfloat16)
+        out = unet(
+            latents,
+            torch.tensor([500]),
+            encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
+    assert out.shape == (1, 4, 16, 16) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sd3", "sd35", "flux"])
+def test_real_config_folder_with_fewer_layers_makes_an_image(family: str, big_folder: Path) -> None:
+    import diffusers
+
+    folder = build_from_configs(family, big_folder, num_layers=1)
+    index = json.loads((folder / "model_index.json").read_text())
+    pipeline = getattr(diffusers, index["_class_name"]).from_pretrained(
+        folder, torch_dtype=torch.bfloat16, local_files_only=True
+    )
+    denoiser = getattr(pipeline, "transformer", None) or pipeline.unet
+    real = _real(family, "transformer" if family != "sd15" else "unet")
+    for key in ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "cross_attention_dim"):
+        if key in real:
+            assert denoiser.config[key] == real[key], key
+    extra = {} if family == "sd15" else {"max_sequence_length": 32}
+    images = pipeline(
+        "a photo of a bird",
+        num_inference_steps=1,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **extra,
+    ).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
