@@ -15,13 +15,23 @@ from omegaconf import DictConfig
 
 
 def normalise_overrides(arguments: list[str]) -> list[str]:
-    """`+experiment=NAME` read as `experiment=NAME`.
+    """`+experiment=NAME` read as `experiment=NAME`; `model=NAME` and `model.KEY=...` as `diffusion=NAME` and
+    `diffusion.KEY=...`.
 
     The experiment group has a default (shapes) in the primary config's defaults list, so Hydra accepts only
     `experiment=NAME`; `+experiment=NAME`, the usual spelling for a group that has none, would be refused with
-    "Multiple values for experiment". Both spellings mean the same here, so both work.
+    "Multiple values for experiment". Both spellings mean the same here, so both work. The diffusion-model
+    group is `diffusion`; `model` is the name users of other tools reach for first, so it means the same.
     """
-    return [arg[1:] if arg.startswith("+experiment=") else arg for arg in arguments]
+    normalised = []
+    for arg in arguments:
+        if arg.startswith("+experiment="):
+            arg = arg[1:]
+        for prefix in ("model=", "model.", "+model.", "~model."):
+            if arg.startswith(prefix):
+                arg = arg.replace("model", "diffusion", 1)
+        normalised.append(arg)
+    return normalised
 
 
 # An absolute path: the `conceptdistill` command's caller is not a module of this package, so a path

@@ -1,9 +1,11 @@
-"""What fine-tuning changes in a UNet, and the files it is saved as (next to the loader, diffusion/loading.py).
+"""What fine-tuning changes in a denoiser (UNet or transformer), and the files it is saved as (next to the
+loader, diffusion/loading.py).
 
 Adapters (config `finetune.adapter`):
-- ``lora``: peft LoRA on the UNet's attention projections; saved as one diffusers LoRA file
-  (`pytorch_lora_weights.safetensors`, loadable by any diffusers pipeline's `load_lora_weights`);
-- ``full``: every UNet weight; saved as a whole `unet/` folder;
+- ``lora``: peft LoRA on the denoiser's attention projections; saved as one diffusers LoRA file
+  (`pytorch_lora_weights.safetensors`, written by the family's stock pipeline class, so that pipeline's
+  `load_lora_weights` loads it: StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline, FluxPipeline);
+- ``full``: every denoiser weight; saved as a whole `unet/` or `transformer/` folder;
 - ``inpaint9``: LoRA plus a UNet input widened to noisy latent + mask + masked latent (the new input weights
   zero-initialised); saved as a whole `unet/` folder with the LoRA merged in, so the folder stands alone.
 """
@@ -45,13 +47,16 @@ def widen_unet_input(unet, extra_channels: int) -> None:
 
 def add_adapter(unet, adapter: str, *, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> None:
     """Make the weights `adapter` trains trainable (and only those), in float32 even when the frozen base is
-    half precision (diffusers' `cast_training_params`).
+    half precision (diffusers' `cast_training_params`). `unet` is the denoiser (a UNet or a transformer).
 
     Raises:
-        ValueError: naming `finetune.adapter` for an adapter not in ADAPTERS.
+        ValueError: naming `finetune.adapter` for an adapter not in ADAPTERS, or ``inpaint9`` for a transformer.
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"finetune.adapter={adapter!r}: choose one of {ADAPTERS}")
+    if adapter == "inpaint9" and not hasattr(unet, "conv_in"):
+        raise ValueError(f"finetune.adapter=inpaint9 widens a UNet's input; this {type(unet).__name__} has none: "
+                         "use finetune.adapter=lora or full")
     if adapter == "full":
         unet.requires_grad_(True)
         return
@@ -72,57 +77,58 @@ def add_adapter(unet, adapter: str, *, rank: int, alpha: float, targets: tuple[s
     cast_training_params(unet, dtype=torch.float32)
 
 
-def save_finetuned(unet, adapter: str, folder: str | Path) -> Path:
-    """Write what `adapter` trained of `unet` into `folder`; returns the LoRA file or the `unet/` folder.
+def save_finetuned(parts: DiffusionParts, adapter: str, folder: str | Path) -> Path:
+    """Write what `adapter` trained of `parts.denoiser` into `folder`; returns the LoRA file or the
+    `unet/` / `transformer/` folder.
 
     Raises:
         NonFiniteLossError: when any weight holds NaN or inf (such weights are never exported; the run's
             checkpoints stay for inspection).
     """
     folder = Path(folder)
-    broken = [name for name, p in unet.named_parameters() if not torch.isfinite(p).all()]
+    denoiser, name = parts.denoiser, parts.denoiser_name
+    broken = [key for key, p in denoiser.named_parameters() if not torch.isfinite(p).all()]
     if broken:
         raise NonFiniteLossError(f"{len(broken)} fine-tuned weight tensor(s) hold NaN or inf (e.g. {broken[0]}); "
                                  "not saving them")
     folder.mkdir(parents=True, exist_ok=True)
     if adapter == "lora":
-        from diffusers import StableDiffusionPipeline
+        import diffusers
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
         # The adapter's config (rank, lora_alpha, targets) travels as safetensors metadata: without it loaders
         # assume lora_alpha == rank and a model trained with lora_alpha != lora_rank comes back scaled wrongly.
-        metadata = unet.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        metadata = denoiser.peft_config["default"].to_dict()
+        getattr(diffusers, parts.pipeline_class).save_lora_weights(
+            folder, safe_serialization=True, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata}
         )
         return folder / LORA_WEIGHTS
     if adapter == "inpaint9":
-        unet.fuse_lora()
-        unet.unload_lora()
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    return folder / "unet"
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
+    denoiser.save_pretrained(folder / name, safe_serialization=True)
+    return folder / name
 
 
 def load_finetuned(parts: DiffusionParts, folder: str | Path) -> DiffusionParts:
     """Apply what `save_finetuned` wrote to a freshly loaded `DiffusionParts` set (in place); returns it.
 
     Raises:
-        FileNotFoundError: when `folder` holds neither a LoRA file nor a `unet/` folder.
+        FileNotFoundError: when `folder` holds neither a LoRA file nor a `unet/` / `transformer/` folder.
     """
     folder = Path(folder)
+    name = parts.denoiser_name
     if (folder / LORA_WEIGHTS).exists():
-        parts.unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name="concept")
-        parts.unet.fuse_lora()
-    elif (folder / "unet" / "config.json").exists():
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=parts.dtype)
-        parts.unet = unet.to(parts.device).eval()
+        parts.denoiser.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix=name, adapter_name="concept")
+        parts.denoiser.fuse_lora()
+    elif (folder / name / "config.json").exists():
+        denoiser = type(parts.denoiser).from_pretrained(folder / name, torch_dtype=parts.dtype)
+        parts.denoiser = denoiser.to(parts.device).eval()
     else:
         raise FileNotFoundError(
-            f"no fine-tuned weights in {folder}: expected {LORA_WEIGHTS} or unet/. Run the finetune stage first "
+            f"no fine-tuned weights in {folder}: expected {LORA_WEIGHTS} or {name}/. Run the finetune stage first "
             "(stages=[finetune]) or point the run at a run folder where it finished."
         )
     return parts

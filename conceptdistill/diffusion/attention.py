@@ -1,11 +1,12 @@
-"""Capturing cross-attention maps from a diffusers UNet (the prompt-to-prompt pattern).
+"""Capturing the concept's attention maps from a diffusion model's denoiser (the prompt-to-prompt pattern).
 
-Stage 1 of concept distillation needs, for every cross-attention ("attn2") layer, the softmax probabilities
-of the concept token(s) over the image positions. diffusers' default processor computes attention with
-`scaled_dot_product_attention`, which never materialises those probabilities, so for the duration of a
-``with capture_cross_attention(unet, store):`` block the attn2 layers get a `CapturingAttnProcessor` that
-computes attention explicitly (same result as diffusers' `AttnProcessor`) and hands the probabilities to an
-`AttentionStore`. Self-attention layers keep their fast processor; the original processors come back on exit.
+Stage 1 of concept distillation needs, for every layer where image positions attend to the prompt's tokens,
+the softmax probability of the concept token(s) at each image position: the cross-attention ("attn2") layers
+of a UNet (SD 1.x/2.x, SDXL), the joint attention of an MMDiT (SD3 / 3.5, FLUX: image queries attending to
+text and image keys together, normalised over all keys as the model does). diffusers' fused kernels never
+materialise those probabilities, so inside a ``with capture_attention(parts, store):`` block those layers get
+capturing processors (diffusion/processors.py) whose outputs equal the stock ones, and which hand the concept
+probabilities to an `AttentionStore`. The original processors come back on exit.
 
 The store reduces each layer's probabilities to one map per image right away (sum over the concept tokens,
 mean over heads, nearest upsampling to the latent grid) and keeps only running sums, so memory does not grow
@@ -97,20 +98,29 @@ class AttentionStore:
         return best
 
     def reduce(self, probs: torch.Tensor, heads: int) -> torch.Tensor:
-        """(batch*heads, query_len, key_len) probabilities -> (kept batch, h, w) concept maps.
-
-        Sum over the concept tokens, mean over heads, resize to `output_size` (nearest when enlarging, as the
-        method prescribes; area averaging in the rare case of a layer finer than the output).
-        """
+        """(batch*heads, query_len, key_len) probabilities -> (kept batch, h, w) concept maps: the summed
+        probability of the concept tokens (all keys when `token_indices` is None), then `reduce_mass`."""
         batch = probs.shape[0] // heads
         probs = probs.detach().reshape(batch, heads, probs.shape[1], probs.shape[2])
         if self.keep is not None:
             probs = probs[self.keep]
         if self.token_indices is None:
-            selected = probs.float().sum(dim=-1)
+            mass = probs.float().sum(dim=-1)
         else:
-            selected = probs[..., self.token_indices].float().sum(dim=-1)
-        maps = selected.mean(dim=1)  # (b, query_len)
+            mass = probs[..., self.token_indices].float().sum(dim=-1)
+        return self._to_maps(mass)
+
+    def reduce_mass(self, mass: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, image_queries) concept attention mass (float) -> (kept batch, h, w) maps: mean over
+        heads, resized to `output_size` (nearest when enlarging, as the method prescribes; area averaging in
+        the rare case of a layer finer than the output)."""
+        mass = mass.detach()
+        if self.keep is not None:
+            mass = mass[self.keep]
+        return self._to_maps(mass.float())
+
+    def _to_maps(self, mass: torch.Tensor) -> torch.Tensor:
+        maps = mass.mean(dim=1)  # (b, query_len)
         h_l, w_l = self.grid_shape(maps.shape[1])
         maps = maps.reshape(maps.shape[0], 1, h_l, w_l)
         if (h_l, w_l) != self.output_size:
@@ -119,9 +129,14 @@ class AttentionStore:
         return maps[:, 0]
 
     def __call__(self, layer_name: str, probs: torch.Tensor, heads: int) -> None:
-        """Called by `CapturingAttnProcessor` with one layer's probabilities."""
+        """Called by a UNet's capturing processor with one layer's probabilities."""
         if self.enabled:
             self.accumulate(layer_name, self.reduce(probs, heads))
+
+    def add_mass(self, layer_name: str, mass: torch.Tensor) -> None:
+        """Called by a joint-attention capturing processor with one layer's (batch, heads, image_queries) mass."""
+        if self.enabled:
+            self.accumulate(layer_name, self.reduce_mass(mass))
 
     def accumulate(self, layer_name: str, maps: torch.Tensor) -> None:
         """Add one layer's (b, h, w) maps to the running sums. Override to also keep individual maps."""
@@ -144,7 +159,7 @@ class AttentionStore:
     def mean(self) -> torch.Tensor:
         """Mean over all captured layers and steps: (batch, h, w)."""
         if self._sum is None:
-            raise RuntimeError("no attention captured yet (was the UNet run inside capture_cross_attention?)")
+            raise RuntimeError("no attention captured yet (was the denoiser run inside capture_attention?)")
         return self._sum / self.count
 
     def per_layer_mean(self) -> dict[str, torch.Tensor]:
@@ -154,95 +169,38 @@ class AttentionStore:
         return {name: total / self._layer_counts[name] for name, total in self._layer_sums.items()}
 
 
-class CapturingAttnProcessor:
-    """diffusers `AttnProcessor` arithmetic with the attention probabilities handed to a store.
+def capture_cross_attention(unet: torch.nn.Module, store: AttentionStore):
+    """`capture_attention` for a bare UNet (SD 1.x/2.x/SDXL): every attn2 layer accepted by ``store.wants``
+    feeds its probabilities to `store` within the block."""
+    from conceptdistill.diffusion.processors import unet_capturing_processors
 
-    Installed on cross-attention layers only (see `capture_cross_attention`); its output equals the default
-    processor's up to floating-point rounding. Projections are called as modules, so LoRA-wrapped (peft)
-    ``to_q``/``to_k``/``to_v``/``to_out`` layers behave as usual.
+    return _installed(unet_capturing_processors(unet, store), store)
+
+
+def capture_attention(parts: Any, store: AttentionStore):
+    """Within the block, every text-attention layer of the parts' denoiser accepted by ``store.wants`` feeds the
+    concept tokens' attention to `store`: a UNet's cross-attention (attn2) layers, an MMDiT's joint attention
+    (SD3's and FLUX's double-stream blocks, FLUX's single-stream blocks), each family's processors from
+    `DiffusionParts.capturing_processors`. Other layers keep their fast processors; on exit, also after an
+    exception, each layer gets back the very processor object it had before.
+
+    Raises:
+        ValueError: when no layer matches the store's layer filter (`masks.module.layers`).
     """
-
-    def __init__(self, store: AttentionStore, layer_name: str) -> None:
-        self.store = store
-        self.layer_name = layer_name
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,  # e.g. the deprecated LoRA `scale`, ignored as diffusers' AttnProcessor does
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        is_cross = encoder_hidden_states is not None
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch_size, key_len, _ = context.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if is_cross and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-
-        # (batch*heads, len, head_dim), batch-major: row b*heads + h is image b, head h.
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        if is_cross:
-            self.store(self.layer_name, probs, attn.heads)
-
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[0](hidden_states)  # linear projection
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-def cross_attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Attention modules whose processor name ends in ``attn2.processor``, by module name.
-
-    Walks ``named_modules`` rather than ``unet.attn_processors`` so that a UNet wrapped by peft (whose
-    module names gain a prefix) works too.
-    """
-    return {
-        name: module
-        for name, module in unet.named_modules()
-        if hasattr(module, "set_processor") and f"{name}.processor".endswith("attn2.processor")
-    }
+    return _installed(parts.capturing_processors(store), store)
 
 
 @contextlib.contextmanager
-def capture_cross_attention(unet: torch.nn.Module, store: AttentionStore) -> Iterator[AttentionStore]:
-    """Within the block, every attn2 layer accepted by ``store.wants`` feeds its probabilities to `store`.
-
-    Self-attention (attn1) processors are not touched. On exit, also after an exception, each layer gets back
-    the very processor object it had before.
-    """
-    targets = {name: module for name, module in cross_attention_layers(unet).items() if store.wants(name)}
-    if not targets:
-        raise ValueError(f"no cross-attention (attn2) layer of the model matches the layer filter {store.layers}")
-    originals = {name: module.processor for name, module in targets.items()}
+def _installed(processors: dict[str, tuple[Any, Any]], store: AttentionStore) -> Iterator[AttentionStore]:
+    """Install {layer name: (attention module, capturing processor)} for the block's duration."""
+    if not processors:
+        raise ValueError(f"no cross-attention or joint-attention layer of the model matches the layer filter "
+                         f"masks.module.layers={store.layers}")
+    originals = {name: module.processor for name, (module, _) in processors.items()}
     try:
-        for name, module in targets.items():
-            module.set_processor(CapturingAttnProcessor(store, name))
+        for module, processor in processors.values():
+            module.set_processor(processor)
         yield store
     finally:
-        for name, module in targets.items():
+        for name, (module, _) in processors.items():
             module.set_processor(originals[name])

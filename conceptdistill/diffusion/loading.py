@@ -27,6 +27,7 @@ from conceptdistill.diffusion.parts import DiffusionParts
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _CONFIG_FILES = {
     "unet": ("config.json",),
+    "transformer": ("config.json",),
     "vae": ("config.json",),
     "text_encoder": ("config.json",),
     "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),  # any one of them
@@ -78,10 +79,10 @@ def _resolve_source(source: str, revision: str | None, local_files_only: bool) -
         ) from err
 
 
-def _check_layout(folder: Path, source: str) -> None:
+def _check_layout(folder: Path, source: str, subfolders: tuple[str, ...] = SUBFOLDERS) -> None:
     missing = []
-    for sub in SUBFOLDERS:
-        files = _CONFIG_FILES[sub]
+    for sub in subfolders:
+        files = _CONFIG_FILES[sub.rstrip("_23")]
         if not (folder / sub).is_dir():
             missing.append(f"{sub}/")
         elif not any((folder / sub / name).is_file() for name in files):
@@ -90,40 +91,59 @@ def _check_layout(folder: Path, source: str) -> None:
         raise _not_found(source, f"the folder {str(folder)!r} lacks {', '.join(missing)}")
 
 
-def _check_family(folder: Path, source: str) -> None:
-    """Refuse model families whose denoiser is not a UNet2DConditionModel, naming what was found."""
+def _family(folder: Path, source: str) -> type[DiffusionParts]:
+    """The `DiffusionParts` class for the folder's pipeline: by model_index.json's `_class_name`, else (a folder
+    assembled by hand) by its subfolders.
+
+    Raises:
+        UnsupportedModelError: a pipeline class no family is registered for, naming it and the supported ones.
+    """
+    from conceptdistill.diffusion.families import load_all
+    from conceptdistill.diffusion.parts import FAMILIES
+
+    load_all()
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
-        family = index.get("_class_name", "a transformer-based pipeline")
+    name = index.get("_class_name")
+    if name is None:
+        has = {sub for sub in ("unet", "transformer", "text_encoder_2", "text_encoder_3") if (folder / sub).is_dir()}
+        if "transformer" in has:
+            name = "StableDiffusion3Pipeline" if "text_encoder_3" in has else "FluxPipeline"
+        else:
+            name = "StableDiffusionXLPipeline" if "text_encoder_2" in has else "StableDiffusionPipeline"
+    if name not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
         raise UnsupportedModelError(
-            f"{source!r} is a {family} (a transformer denoiser, as in Stable Diffusion 3 and FLUX); this version "
-            "supports Stable Diffusion 1.x/2.x-style UNet models (diffusion=sd14, sd15, sd21, sd21_base or a folder "
-            "with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            f"{source!r} is a {name} (model_index.json's _class_name); supported pipelines: {supported} "
+            "(diffusion=sd14, sd15, sd21, sd21_base, sdxl, sd3, sd35 or flux)"
         )
-    if (folder / "text_encoder_2").is_dir():
-        raise UnsupportedModelError(
-            f"{source!r} has two text encoders (text_encoder/ and text_encoder_2/: an SDXL-style pipeline, "
-            f"{index.get('_class_name', 'unknown class')}); this version supports Stable Diffusion 1.x/2.x-style "
-            "models with one CLIP text encoder"
-        )
+    return FAMILIES[name]
 
 
-def _check_scheduler(folder: Path) -> type:
-    """The scheduler class named in scheduler_config.json, after checking what the UNet predicts.
+def _check_scheduler(folder: Path, family: type[DiffusionParts] = DiffusionParts) -> type:
+    """The scheduler class named in scheduler_config.json, after checking that it is the family's noise process
+    and (variance-preserving families) what the UNet predicts.
 
-    Raises UnsupportedModelError for a prediction type outside SUPPORTED_PREDICTION_TYPES (e.g. "sample") or
-    a flow-matching scheduler, and ValueError for a class diffusers does not know.
+    Raises UnsupportedModelError for a prediction type outside SUPPORTED_PREDICTION_TYPES (e.g. "sample"), a
+    flow-matching scheduler in a UNet family or a variance-preserving one in a flow family, and ValueError for
+    a class diffusers does not know.
     """
     import diffusers
 
     path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
     name = config.get("_class_name", "")
+    if family.noise_process == "flow":
+        if "FlowMatch" not in name:
+            raise UnsupportedModelError(
+                f"{path} names {name!r}, but a {family.family} model is trained with flow matching: its folder "
+                "must name a FlowMatch* scheduler (e.g. FlowMatchEulerDiscreteScheduler)"
+            )
+        return getattr(diffusers, name)
     if "FlowMatch" in name:
         raise UnsupportedModelError(
             f"{path} names {name}: a flow-matching model (x_t = (1 - sigma) x0 + sigma eps), which this version "
-            f"does not support; supported: variance-preserving models predicting {' or '.join(SUPPORTED_PREDICTION_TYPES)}"
+            f"does not support for a {family.family} (UNet) model; flow matching is supported for SD3 and FLUX pipelines"
         )
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
@@ -140,7 +160,9 @@ def _variant_hint(folder: Path, variant: str | None) -> str | None:
     """When weights are missing because they are stored as a variant (``*.fp16.safetensors``), say which
     `diffusion.variant` to set; None when that is not the problem."""
     found: set[str] = set()
-    for sub in ("unet", "vae", "text_encoder"):
+    for sub in ("unet", "transformer", "vae", "text_encoder"):
+        if not (folder / sub).is_dir():
+            continue
         weights = [p.name for p in (folder / sub).glob("*") if p.suffix in (".safetensors", ".bin")]
         if any(name.count(".") == 1 for name in weights):
             continue  # this part has plain weights: a variant is not what is missing
@@ -180,39 +202,42 @@ def load_diffusion_parts(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     local_files_only: bool = True,
+    settings: dict | None = None,
 ) -> DiffusionParts:
-    """Load UNet, VAE, text encoder, tokenizer and scheduler from a diffusers-layout folder or cached hub id.
+    """Load a diffusion model's parts from a diffusers-layout folder or cached hub id, as the `DiffusionParts`
+    subclass of its family (SD 1.x/2.x, SDXL, SD3 / 3.5, FLUX: model_index.json's pipeline class).
 
-    Each part is loaded with its own class; the VAE class and the scheduler class come from their configs'
-    ``_class_name``. Nothing is frozen or put in eval mode beyond what `from_pretrained` does (eval), which
-    is the caller's business. ``local_files_only=False`` lets huggingface_hub fetch a missing hub snapshot; the
-    project never passes it (no machine it runs on may download weights).
+    SD 1.x/2.x parts are loaded one by one with their own classes (the VAE and scheduler classes from their
+    configs' ``_class_name``, so the shapes world's own latent loads too); the other families through their
+    stock diffusers pipeline's `from_pretrained`, leaving out SD3's T5 encoder when `settings` says
+    ``text_encoder_3: false``. ``local_files_only=False`` lets huggingface_hub fetch a missing hub snapshot; the
+    project never passes it (no machine it runs on may download weights). `settings` are the family's options
+    (diffusion.options: max_sequence_length, guidance, ...), kept on the parts.
 
-    With ``dtype=torch.float16`` the VAE is loaded in float32 when its config asks for it (``force_upcast``,
-    true by default), as diffusers' pipelines do.
+    With ``dtype=torch.float16`` the VAE is kept in float32 when its config asks for it (``force_upcast``,
+    true by default; the SD 2.x and SDXL VAEs overflow in half precision), as diffusers' pipelines do.
 
     Raises:
         ModelNotFoundError: when the folder or cached snapshot is missing or lacks a part, or a part's weights
             cannot be read; the message says what layout is expected and how to provide the weights (for a
             folder holding only ``*.<variant>.safetensors`` files: which ``diffusion.variant`` to set).
-        UnsupportedModelError: when the scheduler config names a prediction type other than epsilon or
-            v_prediction, a flow-matching scheduler, or the folder holds a transformer (SD 3, FLUX) instead of a
-            UNet; the message names the setting found.
+        UnsupportedModelError: a pipeline class no family supports, a prediction type other than epsilon or
+            v_prediction, or a scheduler that is not the family's noise process; the message names what was found.
     """
+    source = str(source)
+    settings = dict(settings or {})
+    folder = _resolve_source(source, revision, local_files_only)
+    family = _family(folder, source)
+    if family is not DiffusionParts:
+        return _load_with_pipeline(family, folder, source, variant=variant, dtype=dtype, settings=settings).to(device)
+    _check_layout(folder, source)
+    scheduler_cls = _check_scheduler(folder)
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = str(source)
-    folder = _resolve_source(source, revision, local_files_only)
-    _check_family(folder, source)
-    _check_layout(folder, source)
-    scheduler_cls = _check_scheduler(folder)
     # From here on everything is a local folder: no hub look-ups, whatever the environment says.
     common = {"local_files_only": True}
-    # diffusers' pipelines decode (and encode) in float32 when the VAE config sets force_upcast and the model
-    # runs in float16: the SD 2.x and SDXL VAEs overflow to inf/NaN in half precision.
-    vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
+    vae_dtype = torch.float32 if dtype == torch.float16 and _vae_config(folder).get("force_upcast", True) else dtype
     try:
         unet = diffusers.UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", torch_dtype=dtype, variant=variant, **common
@@ -224,18 +249,57 @@ def load_diffusion_parts(
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **common)
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler", **common)
     except OSError as err:  # diffusers/transformers raise OSError (EnvironmentError) for missing weight files
-        hint = _variant_hint(folder, variant)
-        if hint:
-            raise _not_found(source, hint) from err
-        raise _not_found(source, f"a part could not be read from {str(folder)!r} ({err})") from err
-    parts = DiffusionParts(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        raise _unreadable(folder, source, variant, err) from err
+    parts = DiffusionParts(denoiser=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                           settings=settings)
     return parts.to(device=device)
+
+
+def _vae_config(folder: Path) -> dict:
+    return json.loads((folder / "vae" / "config.json").read_text())
+
+
+def _unreadable(folder: Path, source: str, variant: str | None, err: Exception) -> ModelNotFoundError:
+    hint = _variant_hint(folder, variant)
+    return _not_found(source, hint or f"a part could not be read from {str(folder)!r} ({err})")
+
+
+def _load_with_pipeline(
+    family: type[DiffusionParts], folder: Path, source: str, *, variant: str | None, dtype: torch.dtype,
+    settings: dict,
+) -> DiffusionParts:
+    """Load an SDXL, SD3 or FLUX folder with the family's stock diffusers pipeline and keep its components."""
+    import diffusers
+
+    subfolders = family.components(settings)
+    _check_layout(folder, source, subfolders)
+    _check_scheduler(folder, family)
+    skipped = {name: None for name in ("text_encoder_3", "tokenizer_3") if name not in subfolders
+               and (folder / name).is_dir()}  # e.g. SD3 without T5: not even read from disk
+    try:
+        pipeline = getattr(diffusers, family.pipeline_class).from_pretrained(
+            folder, dtype=dtype, variant=variant, local_files_only=True, **skipped
+        )
+    except OSError as err:
+        raise _unreadable(folder, source, variant, err) from err
+    if dtype == torch.float16 and pipeline.vae.config.get("force_upcast", True):
+        pipeline.vae.to(dtype=torch.float32)
+    parts = family(
+        denoiser=getattr(pipeline, family.denoiser_name), vae=pipeline.vae, scheduler=pipeline.scheduler,
+        **{name: getattr(pipeline, name, None) for name in (
+            "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")},
+        settings=settings,
+    )
+    if "force_zeros_for_empty_prompt" in pipeline.config:
+        parts.settings.setdefault("force_zeros_for_empty_prompt", bool(pipeline.config.force_zeros_for_empty_prompt))
+    return parts
 
 
 def save_diffusion_parts(parts: DiffusionParts, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `parts` as a diffusers-layout folder that `load_diffusion_parts` reads back.
 
-    With an AutoencoderKL the folder is a stock `StableDiffusionPipeline` save (no safety checker), so
+    SDXL, SD3 and FLUX parts are written by their stock pipeline's `save_pretrained`. SD parts with an
+    AutoencoderKL are a stock `StableDiffusionPipeline` save (no safety checker), so
     ``StableDiffusionPipeline.from_pretrained(folder)`` loads it too. With the space-to-depth latent the parts
     are written one by one plus a model_index.json naming our VAE class by its module path.
 
@@ -250,12 +314,14 @@ def save_diffusion_parts(parts: DiffusionParts, folder: str | os.PathLike, *, ov
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
     try:
-        if isinstance(parts.vae, AutoencoderKL):
+        if hasattr(parts, "stock_pipeline"):  # SDXL, SD3, FLUX: the family's stock pipeline writes the folder
+            parts.stock_pipeline().save_pretrained(staging)
+        elif isinstance(parts.vae, AutoencoderKL):
             pipeline = StableDiffusionPipeline(
                 vae=parts.vae,
                 text_encoder=parts.text_encoder,
                 tokenizer=parts.tokenizer,
-                unet=parts.unet,
+                unet=parts.denoiser,
                 scheduler=parts.scheduler,
                 safety_checker=None,
                 feature_extractor=None,
@@ -299,7 +365,7 @@ def _library_and_class(obj: Any) -> list[str]:
 def _save_parts_individually(parts: DiffusionParts, folder: Path) -> None:
     import diffusers
 
-    parts.unet.save_pretrained(folder / "unet")
+    parts.denoiser.save_pretrained(folder / "unet")
     parts.vae.save_pretrained(folder / "vae")
     parts.text_encoder.save_pretrained(folder / "text_encoder")
     parts.tokenizer.save_pretrained(folder / "tokenizer")
@@ -313,7 +379,7 @@ def _save_parts_individually(parts: DiffusionParts, folder: Path) -> None:
         "image_encoder": [None, None],
     }
     for name in SUBFOLDERS:
-        index[name] = _library_and_class(getattr(parts, name))
+        index[name] = _library_and_class(parts.denoiser if name == "unet" else getattr(parts, name))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

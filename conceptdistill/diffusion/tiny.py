@@ -134,4 +134,4 @@ def build_tiny_parts(
     scheduler = getattr(diffusers, scheduler).from_config(ddim.config)
     for module in (unet, vae, text_encoder):
         module.eval()
-    return DiffusionParts(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return DiffusionParts(denoiser=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)

@@ -237,7 +237,9 @@ def _enclosing_word(prompt: str, word: str) -> str | None:
     return prompt[start:end]
 
 
-def concept_token_indices(tokenizer: Any, prompt: str, concept_words: str | Sequence[str]) -> list[int]:
+def concept_token_indices(
+    tokenizer: Any, prompt: str, concept_words: str | Sequence[str], *, max_length: int | None = None
+) -> list[int]:
     """Positions, in the tokenized `prompt` (BOS at 0 for CLIP), of every token of the concept word(s).
 
     Rule: a concept word matches only whole words of the prompt, i.e. its whole sequence of pieces (the word
@@ -251,8 +253,9 @@ def concept_token_indices(tokenizer: Any, prompt: str, concept_words: str | Sequ
     lower-cases (CLIP does, T5 does not). A run of several words such as "x-ray" (CLIP: x</w> -</w> ray</w>)
     matches as one whole span. A word split into pieces contributes all of them (their maps are summed
     downstream), a word occurring twice contributes both occurrences, and several words are united. A string
-    `concept_words` is one word. The prompt is truncated to ``model_max_length`` as `encode_prompts` does, so
-    every index is valid for the text embedding.
+    `concept_words` is one word. The prompt is truncated to `max_length` (default: ``model_max_length``) as the
+    model's prompt encoding does (SD3 and FLUX cut T5 at their `max_sequence_length`), so every index is valid
+    for the text embedding.
 
     Returns:
         Sorted, distinct int positions.
@@ -271,7 +274,8 @@ def concept_token_indices(tokenizer: Any, prompt: str, concept_words: str | Sequ
     rule = word_boundaries(tokenizer)
     # Boundaries are read on the whole prompt so that a word cut by truncation is not mistaken for a whole one.
     full_ids = list(tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
-    kept_ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    limit = int(max_length or tokenizer.model_max_length)
+    kept_ids = tokenizer(prompt, truncation=True, max_length=limit)["input_ids"]
     kept = 0  # length of the common prefix: the tokens truncation keeps (it replaces the last one by EOS)
     while kept < min(len(full_ids), len(kept_ids)) and full_ids[kept] == kept_ids[kept]:
         kept += 1
@@ -298,7 +302,7 @@ def concept_token_indices(tokenizer: Any, prompt: str, concept_words: str | Sequ
         if whole:
             raise ValueError(
                 f"concept word {word!r} occurs in {prompt!r} only beyond the first {kept} tokens, which the "
-                f"tokenizer keeps (model_max_length {tokenizer.model_max_length}): it was truncated away {context}"
+                f"tokenizer keeps (max_length {limit}): it was truncated away {context}"
             )
         if found:  # its pieces occur, but inside a longer word: name that word
             s = found[0]

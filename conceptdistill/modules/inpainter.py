@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from conceptdistill.diffusion.parts import register_parts
-from conceptdistill.diffusion.sampling import ddim_scheduler, inpaint_latents
+from conceptdistill.diffusion.sampling import inpaint_latents
 from conceptdistill.maskmath import refine_mask, upsample_mask
 from conceptdistill.utils.seeding import sample_generators
 
@@ -35,7 +35,8 @@ class BackgroundInpainter(pl.LightningModule):
         self.prompt, self.num_steps, self.guidance_scale = prompt, num_steps, guidance_scale
         self.negative_prompt = negative_prompt or ""  # null in a config: plain guidance
         self.filter_size, self.close_holes, self.closing_size, self.seed = filter_size, close_holes, closing_size, seed
-        ddim_scheduler(parts, num_steps, "inpaint.module.num_steps")  # a grid that cannot work fails before any image
+        # a grid that cannot work fails before any image (checked at the native size; grids hardly depend on it)
+        parts.sampler(num_steps, parts.latent_shape_for(parts.native_image_size), "inpaint.module.num_steps")
 
     @torch.no_grad()
     def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:

@@ -15,10 +15,8 @@ import pytorch_lightning as pl
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from conceptdistill.checks import check_grid_range, check_timestep_grid
-from conceptdistill.diffusion.attention import AttentionStore, capture_cross_attention
+from conceptdistill.diffusion.attention import AttentionStore, capture_attention
 from conceptdistill.diffusion.parts import register_parts
-from conceptdistill.diffusion.tokenizer import concept_token_indices
 from conceptdistill.maskmath import binarize_map, close_and_fill_holes
 from conceptdistill.utils.seeding import sample_generators
 
@@ -28,25 +26,6 @@ if TYPE_CHECKING:
 
 #: why an image has no M_pre: a NaN/inf latent (e.g. a float16 VAE overflow) makes every map of it NaN
 NONFINITE_MAP = "non-finite attention map (its latent or the UNet's activations are NaN or inf)"
-
-
-def attention_timesteps(scheduler, num_steps: int = 50, start_step: int = 40) -> torch.Tensor:
-    """The timesteps at which attention is read: the last `start_step` of a `num_steps` DDIM grid.
-
-    For SD's 1000-step schedule (steps_offset 1) and T=50, T0=40 this is 781, 761, ..., 1.
-
-    Raises:
-        ValueError: naming `masks.module.num_steps` / `masks.module.start_step` unless 1 <= start_step <= num_steps <=
-            the model's number of training timesteps.
-    """
-    from diffusers import DDIMScheduler
-
-    total = int(scheduler.config.num_train_timesteps)
-    check_timestep_grid(num_steps, start_step, total)
-    grid = DDIMScheduler.from_config(scheduler.config)
-    grid.set_timesteps(num_steps)
-    check_grid_range(grid.timesteps, total, "masks.module.num_steps")
-    return grid.timesteps[num_steps - start_step :].clone()
 
 
 class AttentionMaskGenerator(pl.LightningModule):
@@ -63,8 +42,10 @@ class AttentionMaskGenerator(pl.LightningModule):
         self.parts = parts
         register_parts(self, parts)
         self.prompt = prompt
-        self.token_indices = concept_token_indices(parts.tokenizer, prompt, concept)
-        self.timesteps = attention_timesteps(parts.scheduler, num_steps, start_step)
+        self.token_indices = parts.concept_token_indices(prompt, concept)
+        self.num_steps, self.start_step = num_steps, start_step
+        # a grid that cannot work fails here, before any image (flow models shift it by image size: see below)
+        parts.attention_timesteps(num_steps, start_step, parts.latent_shape_for(parts.native_image_size))
         self.layers = list(layers) if layers else None
         self.filter_size = filter_size
         self.polarity = polarity
@@ -78,19 +59,20 @@ class AttentionMaskGenerator(pl.LightningModule):
         """A for each image (B, h, w) at latent resolution, and the store (with `per_layer`, it also keeps
         each layer's own mean, for diagnostics)."""
         latents = self.parts.encode_images(images.to(self.device))
-        text = self.parts.encode_prompts([self.prompt] * len(ids))
+        cond = self.parts.encode_prompts([self.prompt] * len(ids))
         store = AttentionStore(self.token_indices, tuple(latents.shape[-2:]), layers=self.layers, per_layer=per_layer)
         generators = sample_generators(self.seed, ids, "masks")
-        with capture_cross_attention(self.parts.unet, store):
-            for t in self.timesteps:
-                # a fresh noise draw per step and sample; the UNet's prediction itself is not needed
+        extra = None
+        if self.parts.denoiser_in_channels > latents.shape[1]:  # a 9-channel UNet: "repaint everything"
+            extra = torch.cat([torch.ones_like(latents[:, :1]), torch.zeros_like(latents)], dim=1)
+        timesteps = self.parts.attention_timesteps(self.num_steps, self.start_step, tuple(latents.shape[1:]))
+        with capture_attention(self.parts, store):
+            for t in timesteps:
+                # a fresh noise draw per step and sample; the denoiser's prediction itself is not needed
                 noise = randn_tensor(tuple(latents.shape), generator=generators, device=self.device, dtype=latents.dtype)
                 timestep = t.to(self.device).expand(len(ids))
-                noisy = self.parts.add_noise(latents, noise, timestep)  # the VP forward process, any scheduler class
-                if self.parts.unet_in_channels > latents.shape[1]:
-                    ones = torch.ones_like(latents[:, :1])
-                    noisy = torch.cat([noisy, ones, torch.zeros_like(latents)], dim=1)
-                self.parts.unet(noisy, timestep, encoder_hidden_states=text)
+                noisy = self.parts.add_noise(latents, noise, timestep)  # the model's own forward process
+                self.parts.predict(noisy, timestep, cond, extra)
         return store.mean().float(), store
 
     def binarize(self, attention: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from conceptdistill.diffusion.parts import register_parts
-from conceptdistill.diffusion.sampling import ddim_scheduler, sample_latents
+from conceptdistill.diffusion.sampling import sample_latents
 from conceptdistill.pipeline.artifacts import SampleIds
 from conceptdistill.utils.seeding import sample_generators
 
@@ -44,7 +44,7 @@ class SyntheticSetGenerator(pl.LightningModule):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.num_steps, self.guidance_scale, self.seed = num_steps, guidance_scale, seed
         self.latent_shape = parts.latent_shape_for(image_size)  # the real images' size, so D'_s matches D
-        ddim_scheduler(parts, num_steps, "synthesize.module.num_steps")  # a grid that cannot work fails before any image
+        parts.sampler(num_steps, self.latent_shape, "synthesize.module.num_steps")  # a bad grid fails before any image
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_index: int = 0) -> list[dict]:

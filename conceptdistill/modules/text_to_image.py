@@ -1,10 +1,11 @@
-"""A text-to-image diffusion trainer: the denoising loss of a `DiffusionParts` set on captioned images.
+"""A text-to-image diffusion trainer: the denoising loss of a `DiffusionParts` set (any family) on captioned images.
 
 It trains the shapes world's own model from random weights (stage world: `full` adapter, text encoder too,
 each image's caption, caption dropout, EMA), and it is the base of the concept-distillation fine-tuner
 (modules/finetuner.py), which adds the background task. The loss is the diffusers training scripts' one:
-noise the latent with the model's forward process, regress the UNet's output on what the model predicts
-(epsilon, or v = `get_velocity`), mean squared error over the latent pixels a loss mask selects.
+noise the latent with the model's forward process, regress the denoiser's output on what the model predicts
+(epsilon, v = `get_velocity`, or the flow velocity eps - x0 for SD3 and FLUX), mean squared error over the
+latent pixels a loss mask selects.
 """
 
 from __future__ import annotations
@@ -68,16 +69,16 @@ class TextToImageTrainer(pl.LightningModule):
         self.parts = parts
         register_parts(self, parts)
         self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(train_text_encoder)
-        add_adapter(self.unet, adapter, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), seed=seed)
+        self.text_encoders.requires_grad_(train_text_encoder)
+        add_adapter(self.denoiser, adapter, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), seed=seed)
         self.ema = None
         if ema_decay:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.unet.parameters(), decay=ema_decay)
+            self.ema = EMAModel(self.denoiser.parameters(), decay=ema_decay)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        modules = [self.unet] + ([self.text_encoder] if self.hparams.train_text_encoder else [])
+        modules = [self.denoiser] + ([self.text_encoders] if self.hparams.train_text_encoder else [])
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
@@ -121,17 +122,15 @@ class TextToImageTrainer(pl.LightningModule):
         captions, loss_mask = self.plan_batch(batch, tuple(latents.shape[-2:]))
         generators = sample_generators(self.hparams.seed, [f"{i}@{self.global_step}" for i in ids], "finetune-noise")
         noise = randn_tensor(tuple(latents.shape), generator=generators, device=self.device, dtype=latents.dtype)
-        steps = self.parts.scheduler.config.num_train_timesteps
-        timesteps = torch.tensor(
-            [int(torch.randint(0, steps, (1,), generator=g)) for g in generators], device=self.device
-        )
-        noisy = self.parts.add_noise(latents, noise, timesteps)  # the VP forward process, any scheduler class
-        text = self.parts.encode_prompts(captions, grad=self.hparams.train_text_encoder)
-        if self.parts.unet_in_channels > latents.shape[1]:
+        timesteps = self.parts.training_timesteps(generators)
+        noisy = self.parts.add_noise(latents, noise, timesteps)  # the model's own forward process (VP or flow)
+        cond = self.parts.encode_prompts(captions, grad=self.hparams.train_text_encoder)
+        extra = None
+        if self.parts.denoiser_in_channels > latents.shape[1]:
             # 9-channel input: what to repaint (the loss region) and the latent with that region blanked.
-            noisy = torch.cat([noisy, loss_mask, latents * (1 - loss_mask)], dim=1)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
-        target = self.parts.training_target(latents, noise, timesteps)  # epsilon or v, as the model predicts
+            extra = torch.cat([loss_mask, latents * (1 - loss_mask)], dim=1)
+        prediction = self.parts.predict(noisy, timesteps, cond, extra)
+        target = self.parts.training_target(latents, noise, timesteps)  # epsilon, v or flow velocity
         loss = masked_mse(prediction, target, loss_mask)
         if not torch.isfinite(loss):
             # Stop before the optimizer spreads NaN into every weight; the last checkpoint stays as it was.
@@ -157,7 +156,7 @@ class TextToImageTrainer(pl.LightningModule):
         # save) before the module's, so a checkpoint would miss this step's EMA update; and with gradient
         # accumulation the EMA follows optimizer steps, not micro-batches.
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self.denoiser.parameters())
 
     # EMA weights are not parameters; carry them in the Lightning checkpoint so a resume is exact.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -170,7 +169,7 @@ class TextToImageTrainer(pl.LightningModule):
 
     def apply_ema(self) -> None:
         if self.ema is not None:
-            self.ema.copy_to(self.unet.parameters())
+            self.ema.copy_to(self.denoiser.parameters())
 
     def export(self, folder: str | Path) -> Path:
         """Write the trained weights in the adapter's format (diffusion/adapters.py); returns the file or folder.
@@ -178,4 +177,4 @@ class TextToImageTrainer(pl.LightningModule):
         Raises:
             NonFiniteLossError: when a weight holds NaN or inf.
         """
-        return save_finetuned(self.unet, self.hparams.adapter, folder)
+        return save_finetuned(self.parts, self.hparams.adapter, folder)

@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from conceptdistill.pipeline.config import config_view, result_settings
 from conceptdistill.pipeline.layout import RunLayout, move_aside, open_output_folder
@@ -180,6 +180,11 @@ class RunContext:
 
         return resolve_model_path(self.full_cfg.diffusion)
 
+    def diffusion_options(self) -> dict:
+        """`diffusion.options`: the model family's settings (max_sequence_length, guidance, ...), a plain dict."""
+        options = self.full_cfg.diffusion.get("options")
+        return {} if options is None else dict(OmegaConf.to_container(options, resolve=True))
+
     def load_parts(self, *, finetuned: bool = False) -> DiffusionParts:
         """The diffusion model's parts on the CPU (Lightning moves them to the device): float32 on the
         CPU, the configured dtype (e.g. float16) where the run uses a GPU; with `finetuned`, plus the weights
@@ -197,7 +202,7 @@ class RunContext:
             dtype = getattr(torch, str(cfg.diffusion.dtype)) if on_gpu else torch.float32
             parts = load_diffusion_parts(
                 self.diffusion_source(), revision=cfg.diffusion.get("revision"), variant=cfg.diffusion.get("variant"),
-                dtype=dtype,
+                dtype=dtype, settings=self.diffusion_options(),
             )
             check_image_size(parts, cfg.data.image_size)  # before any image is processed
         if finetuned:
@@ -213,13 +218,11 @@ class RunContext:
         Raises:
             ValueError: naming `data.image_size`, or the concept word that is not a whole word of the prompt.
         """
-        from conceptdistill.diffusion.tokenizer import concept_token_indices
-
         parts = self.load_parts()
-        concept_token_indices(parts.tokenizer, self.full_cfg.prompts.foreground, list(self.full_cfg.concept))
+        parts.concept_token_indices(self.full_cfg.prompts.foreground, list(self.full_cfg.concept))
         size, native = int(self.full_cfg.data.image_size), parts.native_image_size
         if size >= 2 * native or 2 * size <= native:
-            log.warning("data.image_size=%d but this model's native size is %d px (its UNet's sample size times the "
+            log.warning("data.image_size=%d but this model's native size is %d px (its denoiser's sample size times the "
                         "VAE factor): set diffusion.resolution=%d if the model folder is not the one the diffusion "
                         "config describes", size, native, native)
         self._checked_parts = parts  # the first stage that loads the model gets these

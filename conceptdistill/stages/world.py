@@ -71,7 +71,7 @@ def run_world(ctx: RunContext) -> dict:
             attention_heads=arch.attention_heads, text_dim=arch.text_dim, text_layers=arch.text_layers, seed=cfg.seed,
         )
     training = _training_record(source) if measure_only else _train(ctx, parts, folder)
-    parts.unet.eval(), parts.text_encoder.eval()
+    parts.denoiser.eval(), parts.text_encoder.eval()
 
     fid = world_cfg.fidelity
     classifier, classifier_accuracy = train_classifier(
@@ -96,7 +96,7 @@ def run_world(ctx: RunContext) -> dict:
         "classifier_accuracy": classifier_accuracy,
         "fidelity_settings": {"steps": fid.steps, "guidance_scale": fid.guidance_scale, "samples": fid.num_samples,
                               "command": command_line(), "date": datetime.date.today().isoformat()},
-        "parameters": {"unet": sum(p.numel() for p in parts.unet.parameters()),
+        "parameters": {"unet": sum(p.numel() for p in parts.denoiser.parameters()),
                        "text_encoder": sum(p.numel() for p in parts.text_encoder.parameters())},
     }
     if measure_only:  # unchanged weights: copy the model's files as they are, byte for byte

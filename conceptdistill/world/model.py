@@ -73,4 +73,4 @@ def build_world_parts(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=1.0,
         prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False,
     )
-    return DiffusionParts(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return DiffusionParts(denoiser=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)

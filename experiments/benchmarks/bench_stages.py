@@ -105,8 +105,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     world = load_diffusion_parts(str(PACKAGED_WORLD_MODEL))
-    rows = [bench_unet("shapes world (committed)", world.unet, world.latent_shape,
-                       (world.tokenizer.model_max_length, world.unet.config.cross_attention_dim),
+    rows = [bench_unet("shapes world (committed)", world.denoiser, world.latent_shape,
+                       (world.tokenizer.model_max_length, world.denoiser.config.cross_attention_dim),
                        64, args.repeats, device, torch.float32)]
     if not args.skip_sd:
         batch = 8 if device.type == "cuda" else 1

@@ -54,7 +54,7 @@ def packaged_model():
     from conceptdistill.diffusion.registry import PACKAGED_WORLD_MODEL
 
     parts = load_diffusion_parts(str(PACKAGED_WORLD_MODEL))
-    parts.unet.eval(), parts.text_encoder.eval()
+    parts.denoiser.eval(), parts.text_encoder.eval()
     return parts
 
 

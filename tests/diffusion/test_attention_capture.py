@@ -9,13 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from conceptdistill.diffusion.attention import (
-    AttentionStore,
-    CapturingAttnProcessor,
-    capture_cross_attention,
-    cross_attention_layers,
-)
+from conceptdistill.diffusion.attention import AttentionStore, capture_cross_attention
 from conceptdistill.diffusion.parts import DiffusionParts
+from conceptdistill.diffusion.processors import CapturingAttnProcessor, unet_capturing_processors
 from conceptdistill.diffusion.tiny import build_tiny_parts
 from conceptdistill.diffusion.tokenizer import concept_token_indices
 
@@ -32,7 +28,7 @@ def _inputs(parts: DiffusionParts, batch: int = 2, seed: int = 0) -> tuple[torch
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, 4, *LATENT_HW, generator=g)
     timesteps = torch.randint(0, 1000, (batch,), generator=g)
-    return latents, timesteps, parts.encode_prompts([PROMPT] * batch)
+    return latents, timesteps, parts.encode_prompts([PROMPT] * batch)["encoder_hidden_states"]
 
 
 def _run(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -55,8 +51,8 @@ class RecordingStore(AttentionStore):
 
 def test_probabilities_over_all_tokens_sum_to_one(parts: DiffusionParts) -> None:
     store = AttentionStore(None, LATENT_HW, per_layer=True)
-    with capture_cross_attention(parts.unet, store):
-        _run(parts.unet, _inputs(parts))
+    with capture_cross_attention(parts.denoiser, store):
+        _run(parts.denoiser, _inputs(parts))
     assert store.count == 4  # SD-shaped tiny UNet: 1 down + 1 mid + 2 up cross-attention layers
     assert store.mean().shape == (2, *LATENT_HW)
     torch.testing.assert_close(store.mean(), torch.ones(2, *LATENT_HW))
@@ -66,56 +62,56 @@ def test_probabilities_over_all_tokens_sum_to_one(parts: DiffusionParts) -> None
 
 def test_capture_does_not_change_the_unet_output(parts: DiffusionParts) -> None:
     inputs = _inputs(parts)
-    reference = _run(parts.unet, inputs)
+    reference = _run(parts.denoiser, inputs)
     store = AttentionStore(concept_token_indices(parts.tokenizer, PROMPT, "bird"), LATENT_HW)
-    with capture_cross_attention(parts.unet, store):
-        captured = _run(parts.unet, inputs)
+    with capture_cross_attention(parts.denoiser, store):
+        captured = _run(parts.denoiser, inputs)
     torch.testing.assert_close(captured, reference, rtol=1e-5, atol=1e-5)
     assert store.count == 4
 
 
 def test_only_cross_attention_is_replaced_and_originals_come_back(parts: DiffusionParts) -> None:
-    before = dict(parts.unet.attn_processors)
+    before = dict(parts.denoiser.attn_processors)
     store = AttentionStore([5], LATENT_HW)
-    with capture_cross_attention(parts.unet, store):
-        during = parts.unet.attn_processors
+    with capture_cross_attention(parts.denoiser, store):
+        during = parts.denoiser.attn_processors
         for name, processor in during.items():
             if name.endswith("attn2.processor"):
                 assert isinstance(processor, CapturingAttnProcessor)
             else:
                 assert processor is before[name]  # attn1 keeps the fast SDPA processor
-    after = parts.unet.attn_processors
+    after = parts.denoiser.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
     with pytest.raises(RuntimeError, match="boom"):
-        with capture_cross_attention(parts.unet, store):
-            _run(parts.unet, _inputs(parts))
+        with capture_cross_attention(parts.denoiser, store):
+            _run(parts.denoiser, _inputs(parts))
             raise RuntimeError("boom")
-    after = parts.unet.attn_processors
+    after = parts.denoiser.attn_processors
     assert all(after[k] is before[k] for k in before)
 
 
 def test_layer_filter(parts: DiffusionParts) -> None:
-    before = dict(parts.unet.attn_processors)
+    before = dict(parts.denoiser.attn_processors)
     store = AttentionStore([5], LATENT_HW, layers=["up_blocks"], per_layer=True)
-    with capture_cross_attention(parts.unet, store):
-        during = parts.unet.attn_processors
+    with capture_cross_attention(parts.denoiser, store):
+        during = parts.denoiser.attn_processors
         replaced = {k for k, v in during.items() if v is not before[k]}
-        _run(parts.unet, _inputs(parts))
+        _run(parts.denoiser, _inputs(parts))
     assert replaced == {k for k in before if k.startswith("up_blocks") and k.endswith("attn2.processor")}
     assert sorted(store.per_layer_mean()) == sorted(k.removesuffix(".processor") for k in replaced)
     assert store.count == 2
     with pytest.raises(ValueError, match="no cross-attention"):
-        with capture_cross_attention(parts.unet, AttentionStore([5], LATENT_HW, layers=["nonexistent"])):
+        with capture_cross_attention(parts.denoiser, AttentionStore([5], LATENT_HW, layers=["nonexistent"])):
             pass
 
 
 def test_streaming_mean_equals_mean_of_individual_maps(parts: DiffusionParts) -> None:
     token_indices = concept_token_indices(parts.tokenizer, "a photo of a red bird", ["red", "bird"])
     store = RecordingStore(token_indices, LATENT_HW, per_layer=True)
-    with capture_cross_attention(parts.unet, store):
+    with capture_cross_attention(parts.denoiser, store):
         for step in range(3):
-            _run(parts.unet, _inputs(parts, seed=step))
+            _run(parts.denoiser, _inputs(parts, seed=step))
     assert len(store.records) == store.count == 12  # 4 layers x 3 steps
     all_maps = torch.stack([maps for _, maps in store.records])
     torch.testing.assert_close(store.mean(), all_maps.mean(dim=0))
@@ -135,23 +131,23 @@ def test_streaming_mean_equals_mean_of_individual_maps(parts: DiffusionParts) ->
 
 def test_keep_drops_the_unconditional_half(parts: DiffusionParts) -> None:
     latents, timesteps, context = _inputs(parts, batch=1)
-    uncond = parts.encode_prompts([""])
+    uncond = parts.encode_prompts([""])["encoder_hidden_states"]
     cfg_inputs = (latents.repeat(2, 1, 1, 1), timesteps.repeat(2), torch.cat([uncond, context]))
     indices = concept_token_indices(parts.tokenizer, PROMPT, "bird")
 
     cfg_store = AttentionStore(indices, LATENT_HW, keep=slice(-1, None))
-    with capture_cross_attention(parts.unet, cfg_store):
-        _run(parts.unet, cfg_inputs)
+    with capture_cross_attention(parts.denoiser, cfg_store):
+        _run(parts.denoiser, cfg_inputs)
     plain_store = AttentionStore(indices, LATENT_HW)
-    with capture_cross_attention(parts.unet, plain_store):
-        _run(parts.unet, (latents, timesteps, context))
+    with capture_cross_attention(parts.denoiser, plain_store):
+        _run(parts.denoiser, (latents, timesteps, context))
     assert cfg_store.mean().shape == (1, *LATENT_HW)
     torch.testing.assert_close(cfg_store.mean(), plain_store.mean(), rtol=1e-5, atol=1e-6)
 
     # A different batch size without reset() is a caller error, not a silent broadcast.
     with pytest.raises(ValueError, match="reset"):
-        with capture_cross_attention(parts.unet, plain_store):
-            _run(parts.unet, _inputs(parts, batch=2))
+        with capture_cross_attention(parts.denoiser, plain_store):
+            _run(parts.denoiser, _inputs(parts, batch=2))
 
 
 def test_reduce_by_hand() -> None:
@@ -179,13 +175,13 @@ def test_capture_works_on_a_lora_unet() -> None:
     # init_lora_weights=False: random LoRA weights, so the adapter really changes the output.
     config = LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     inputs = _inputs(parts)
-    base = _run(parts.unet, inputs)
-    parts.unet.add_adapter(config)
-    reference = _run(parts.unet, inputs)
+    base = _run(parts.denoiser, inputs)
+    parts.denoiser.add_adapter(config)
+    reference = _run(parts.denoiser, inputs)
     assert not torch.allclose(base, reference)
-    assert len(cross_attention_layers(parts.unet)) == 4
     store = AttentionStore(None, LATENT_HW)
-    with capture_cross_attention(parts.unet, store):
-        captured = _run(parts.unet, inputs)
+    assert len(unet_capturing_processors(parts.denoiser, store)) == 4
+    with capture_cross_attention(parts.denoiser, store):
+        captured = _run(parts.denoiser, inputs)
     torch.testing.assert_close(captured, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(store.mean(), torch.ones(2, *LATENT_HW))

@@ -31,7 +31,7 @@ PROMPTS = ["a photo of a bird", "a photo of a background"]
 def _unet_out(parts: DiffusionParts, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     with torch.no_grad():
         timesteps = torch.tensor([10, 500])[: latents.shape[0]]
-        return parts.unet(latents, timesteps, encoder_hidden_states=parts.encode_prompts(prompts)).sample
+        return parts.denoiser(latents, timesteps, encoder_hidden_states=parts.encode_prompts(prompts)["encoder_hidden_states"]).sample
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +51,22 @@ def test_tiny_parts_are_sd_shaped_deterministic_and_fast(tiny: DiffusionParts) -
     start = time.perf_counter()
     again = build_tiny_parts()
     assert time.perf_counter() - start < 2.0
-    for a, b in ((tiny.unet, again.unet), (tiny.vae, again.vae), (tiny.text_encoder, again.text_encoder)):
+    for a, b in ((tiny.denoiser, again.denoiser), (tiny.vae, again.vae), (tiny.text_encoder, again.text_encoder)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     other = build_tiny_parts(seed=1)
-    assert not torch.equal(next(other.unet.parameters()), next(tiny.unet.parameters()))
+    assert not torch.equal(next(other.denoiser.parameters()), next(tiny.denoiser.parameters()))
 
     assert tiny.latent_scale == pytest.approx(0.18215)
     assert tiny.vae_scale_factor == 2
-    assert tiny.latent_shape_for(32) == (4, 16, 16) and tiny.native_image_size == 32 and tiny.unet_in_channels == 4 and tiny.latent_channels == 4
+    assert tiny.latent_shape_for(32) == (4, 16, 16) and tiny.native_image_size == 32 and tiny.denoiser_in_channels == 4 and tiny.latent_channels == 4
     assert tiny.scheduler.config.steps_offset == 1 and tiny.scheduler.config.beta_schedule == "scaled_linear"
     images = torch.rand(2, 3, 32, 32)
     latents = tiny.encode_images(images)
     assert latents.shape == (2, 4, 16, 16)
     decoded = tiny.decode_latents(latents)
     assert decoded.shape == (2, 3, 32, 32) and 0.0 <= decoded.min() and decoded.max() <= 1.0
-    embeddings = tiny.encode_prompts(PROMPTS)
+    embeddings = tiny.encode_prompts(PROMPTS)["encoder_hidden_states"]
     assert embeddings.shape == (2, 16, 32)
     assert _unet_out(tiny, latents, PROMPTS).shape == latents.shape
 
@@ -88,7 +88,7 @@ def test_saved_parts_load_back_identically(tiny: DiffusionParts, saved_tiny: Pat
     public = {k: v for k, v in tiny.scheduler.config.items() if not k.startswith("_")}
     assert {k: v for k, v in loaded.scheduler.config.items() if not k.startswith("_")} == public
     assert loaded.tokenizer("a photo of a dog").input_ids == tiny.tokenizer("a photo of a dog").input_ids
-    assert torch.equal(loaded.encode_prompts(PROMPTS), tiny.encode_prompts(PROMPTS))
+    assert torch.equal(loaded.encode_prompts(PROMPTS)["encoder_hidden_states"], tiny.encode_prompts(PROMPTS)["encoder_hidden_states"])
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_unet_out(loaded, latents, PROMPTS), _unet_out(tiny, latents, PROMPTS))
     assert torch.equal(loaded.decode_latents(latents), tiny.decode_latents(latents))
@@ -99,7 +99,7 @@ def test_saved_parts_load_in_a_stock_pipeline(tiny: DiffusionParts, saved_tiny: 
 
     pipe = StableDiffusionPipeline.from_pretrained(saved_tiny, local_files_only=True)
     sd = pipe.unet.state_dict()
-    assert all(torch.equal(sd[k], v) for k, v in tiny.unet.state_dict().items())
+    assert all(torch.equal(sd[k], v) for k, v in tiny.denoiser.state_dict().items())
     pipe.set_progress_bar_config(disable=True)
     images = pipe(PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="pt").images
     assert images.shape == (1, 3, 32, 32)
@@ -121,7 +121,7 @@ def test_a_loaded_and_saved_model_does_not_record_where_it_was_loaded_from(saved
     for config in resaved.glob("*/config.json"):
         assert "_name_or_path" not in json.loads(config.read_text()), config
         assert str(saved_tiny) not in config.read_text()
-    assert load_diffusion_parts(resaved).unet.config.sample_size == 16
+    assert load_diffusion_parts(resaved).denoiser.config.sample_size == 16
 
 
 def test_missing_folder_raises_model_not_found(tmp_path: Path) -> None:
@@ -193,9 +193,9 @@ def test_space_to_depth_save_load_round_trip(tmp_path: Path) -> None:
 
 def test_space_to_depth_parts_save_and_load(tmp_path: Path) -> None:
     parts = build_tiny_parts(latent="space_to_depth")
-    assert parts.unet.config.in_channels == 12 and parts.vae_scale_factor == 2
+    assert parts.denoiser.config.in_channels == 12 and parts.vae_scale_factor == 2
     assert parts.latent_shape_for(32) == (12, 16, 16)
-    assert build_tiny_parts(latent="space_to_depth", unet_in_channels=25).unet_in_channels == 25
+    assert build_tiny_parts(latent="space_to_depth", unet_in_channels=25).denoiser_in_channels == 25
     images = torch.rand(2, 3, 32, 32)
     latents = parts.encode_images(images)
     assert latents.shape == (2, 12, 16, 16)

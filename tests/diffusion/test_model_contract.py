@@ -65,7 +65,7 @@ def oracle_loss(parts, prediction_type: str) -> float:
         answer = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * clean
         return type("Output", (), {"sample": answer})()
 
-    module.unet.forward = oracle
+    module.denoiser.forward = oracle
     return float(module.training_step({"id": ids, "image": images}, 0))
 
 
@@ -99,14 +99,21 @@ def test_unsupported_denoiser_targets_are_refused_at_load_time(tmp_path, key, va
         load_diffusion_parts(folder)
 
 
-def test_transformer_and_two_encoder_folders_are_refused_by_family(tmp_path):
+def test_the_family_is_what_the_folder_says_and_unknown_pipelines_are_refused(tmp_path):
     folder = saved(tmp_path)
-    shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
-    with pytest.raises(UnsupportedModelError, match="two text encoders"):
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(UnsupportedModelError, match="KandinskyV22Pipeline.*supported pipelines: .*FluxPipeline"):
         load_diffusion_parts(folder)
-    shutil.rmtree(folder / "text_encoder_2")
+    # A folder without model_index.json is judged by its subfolders: two text encoders make it SDXL, whose
+    # second tokenizer is then missing; a transformer with T5 makes it SD3, which needs a transformer config.
+    (folder / "model_index.json").unlink()
+    shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
+    with pytest.raises(ModelNotFoundError, match="tokenizer_2/"):
+        load_diffusion_parts(folder)
     (folder / "unet").rename(folder / "transformer")
-    with pytest.raises(UnsupportedModelError, match="transformer"):
+    shutil.copytree(folder / "text_encoder", folder / "text_encoder_3")
+    with pytest.raises(ModelNotFoundError, match="tokenizer_3/"):
         load_diffusion_parts(folder)
 
 
@@ -233,7 +240,7 @@ def test_float16_models_keep_the_vae_in_float32_where_its_config_asks(tmp_path, 
     config_path = folder / "vae" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "force_upcast": force_upcast}))
     parts = load_diffusion_parts(folder, dtype=torch.float16)
-    assert parts.unet.dtype == torch.float16
+    assert parts.denoiser.dtype == torch.float16
     assert parts.vae.dtype == (torch.float32 if force_upcast else torch.float16)
 
 
@@ -272,4 +279,4 @@ def test_a_folder_of_fp16_variant_weights_says_set_diffusion_variant(tmp_path):
         weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
     with pytest.raises(ModelNotFoundError, match=r"set diffusion\.variant=fp16"):
         load_diffusion_parts(folder)
-    assert load_diffusion_parts(folder, variant="fp16").unet is not None
+    assert load_diffusion_parts(folder, variant="fp16").denoiser is not None

@@ -79,7 +79,7 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def unet_output(unet, parts, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, unet.config.in_channels, 16, 16, generator=generator)
-    text = parts.encode_prompts([FOREGROUND, BACKGROUND])
+    text = parts.encode_prompts([FOREGROUND, BACKGROUND])["encoder_hidden_states"]
     with torch.no_grad():
         return unet(latents, torch.tensor([10, 600]), encoder_hidden_states=text).sample
 
@@ -205,10 +205,10 @@ def test_plan_is_deterministic_per_seed_step_and_sample(planning_parts, monkeypa
 # ----- the adapters --------------------------------------------------------------------------------
 def test_lora_mode_trains_only_lora_weights():
     module = make_module("lora")
-    unet_before, text_before, vae_before = state(module.unet), state(module.text_encoder), state(module.vae)
-    assert all("lora_" in name for name, p in module.unet.named_parameters() if p.requires_grad)
+    unet_before, text_before, vae_before = state(module.denoiser), state(module.text_encoders), state(module.vae)
+    assert all("lora_" in name for name, p in module.denoiser.named_parameters() if p.requires_grad)
     make_trainer(3).fit(module, loader())
-    unet_after = state(module.unet)
+    unet_after = state(module.denoiser)
     lora_b = [key for key in unet_after if "lora_B" in key]
     assert lora_b
     for key, value in unet_after.items():
@@ -217,54 +217,54 @@ def test_lora_mode_trains_only_lora_weights():
         assert torch.equal(value, unet_before[key]), f"base weight {key} changed in lora mode"
     for key in lora_b:  # lora_B starts at zero: every one of them must have moved
         assert not torch.equal(unet_after[key], unet_before[key]), key
-    assert all(torch.equal(v, text_before[k]) for k, v in state(module.text_encoder).items())
+    assert all(torch.equal(v, text_before[k]) for k, v in state(module.text_encoders).items())
     assert all(torch.equal(v, vae_before[k]) for k, v in state(module.vae).items())
 
 
 def test_lora_init_follows_the_seed_not_the_global_rng():
     torch.manual_seed(123)
-    first = state(make_module("lora", seed=0).unet)
+    first = state(make_module("lora", seed=0).denoiser)
     torch.manual_seed(456)
     rng_before = torch.random.get_rng_state()
-    second = state(make_module("lora", seed=0).unet)
+    second = state(make_module("lora", seed=0).denoiser)
     assert torch.equal(torch.random.get_rng_state(), rng_before), "building the module consumed the global RNG"
     assert all(torch.equal(first[key], second[key]) for key in first)
-    other = state(make_module("lora", seed=1).unet)
+    other = state(make_module("lora", seed=1).denoiser)
     assert any(not torch.equal(first[key], other[key]) for key in first if "lora_A" in key)
 
 
 def test_full_mode_trains_base_weights():
     module = make_module("full", learning_rate=1e-3)
-    before = state(module.unet)
+    before = state(module.denoiser)
     assert not any("lora_" in key for key in before)
-    text_before = state(module.text_encoder)
+    text_before = state(module.text_encoders)
     make_trainer(2).fit(module, loader())
-    after = state(module.unet)
+    after = state(module.denoiser)
     changed = [key for key in after if not torch.equal(after[key], before[key])]
     assert "conv_in.weight" in changed
     assert any("attn2.to_k.weight" in key for key in changed)
     assert len(changed) >= 0.9 * len(after)
-    assert all(torch.equal(v, text_before[k]) for k, v in state(module.text_encoder).items())
+    assert all(torch.equal(v, text_before[k]) for k, v in state(module.text_encoders).items())
 
 
 def test_inpaint9_widens_the_unet_and_starts_from_the_original():
     parts = build_tiny_parts()
     latent_channels = parts.latent_channels
-    reference = build_tiny_parts().unet  # same seed: bit-identical weights
+    reference = build_tiny_parts().denoiser  # same seed: bit-identical weights
     module = make_module("inpaint9", parts=parts)
-    assert module.unet.conv_in.in_channels == 2 * latent_channels + 1
-    assert module.unet.config.in_channels == 2 * latent_channels + 1 == parts.unet_in_channels
-    assert module.unet.conv_in.weight.requires_grad
+    assert module.denoiser.conv_in.in_channels == 2 * latent_channels + 1
+    assert module.denoiser.config.in_channels == 2 * latent_channels + 1 == parts.denoiser_in_channels
+    assert module.denoiser.conv_in.weight.requires_grad
 
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(2, latent_channels, 16, 16, generator=generator)
     timesteps = torch.tensor([5, 900])
-    text = parts.encode_prompts([FOREGROUND, BACKGROUND])
+    text = parts.encode_prompts([FOREGROUND, BACKGROUND])["encoder_hidden_states"]
     with torch.no_grad():
         expected = reference(latents, timesteps, encoder_hidden_states=text).sample
         for _ in range(2):  # any extra input: the new channels' weights are zero
             extra = torch.randn(2, latent_channels + 1, 16, 16, generator=generator) * 5
-            widened = module.unet(torch.cat([latents, extra], 1), timesteps, encoder_hidden_states=text).sample
+            widened = module.denoiser(torch.cat([latents, extra], 1), timesteps, encoder_hidden_states=text).sample
             torch.testing.assert_close(widened, expected, atol=1e-5, rtol=1e-5)
     # and it trains (9-channel input path of training_step)
     make_trainer(1).fit(module, loader())
@@ -279,12 +279,12 @@ def test_saved_lora_loads_into_stock_pipeline_and_load_finetuned(tiny_model, tmp
     make_trainer(2).fit(module, loader())
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():  # make the update large enough to change samples visibly
-        for name, parameter in module.unet.named_parameters():
+        for name, parameter in module.denoiser.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     path = module.export(tmp_path / "weights")
     assert path == tmp_path / "weights" / LORA_WEIGHTS and path.exists()
-    trained = unet_output(module.unet, module.parts)
+    trained = unet_output(module.denoiser, module.parts)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -301,9 +301,9 @@ def test_saved_lora_loads_into_stock_pipeline_and_load_finetuned(tiny_model, tmp
     torch.testing.assert_close(unet_output(pipe.unet, module.parts), trained, atol=1e-5, rtol=1e-4)
 
     fresh = load_finetuned(load_diffusion_parts(tiny_model), tmp_path / "weights")
-    torch.testing.assert_close(unet_output(fresh.unet, fresh), trained, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unet_output(fresh.denoiser, fresh), trained, atol=1e-5, rtol=1e-4)
     base = load_diffusion_parts(tiny_model)
-    assert (unet_output(base.unet, base) - trained).abs().max() > 1e-3
+    assert (unet_output(base.denoiser, base) - trained).abs().max() > 1e-3
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):
@@ -322,7 +322,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     trainer = make_trainer(4)
     trainer.fit(resumed, loader(4, 2), ckpt_path=str(step2))
     assert trainer.global_step == 4
-    expected, actual = state(uninterrupted.unet), state(resumed.unet)
+    expected, actual = state(uninterrupted.denoiser), state(resumed.denoiser)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(actual[key], expected[key]), key
@@ -359,7 +359,7 @@ def test_finetune_stage_through_runner(tiny_model, tmp_path):
     assert (folder / "DONE.json").exists()
     # the weights apply to a fresh copy of the model
     parts = load_finetuned(load_diffusion_parts(tiny_model), folder / "weights")
-    assert torch.isfinite(unet_output(parts.unet, parts)).all()
+    assert torch.isfinite(unet_output(parts.denoiser, parts)).all()
 
 
 # ----- DDP on two CPU processes (slow) -------------------------------------------------------------
@@ -387,7 +387,7 @@ def test_two_ddp_steps_on_two_cpu_processes(tmp_path):
     from pytorch_lightning.strategies import DDPStrategy
 
     module = make_module("lora")
-    before = state(module.unet)
+    before = state(module.denoiser)
     trainer = pl.Trainer(
         max_steps=2, accelerator="cpu", devices=2,
         strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"),
@@ -405,6 +405,6 @@ def test_two_ddp_steps_on_two_cpu_processes(tmp_path):
     assert records[0]["digest"] == records[1]["digest"], "DDP ranks' weights diverged"
 
     # rank 0's weights come back to this process: LoRA moved, the base did not
-    after = state(module.unet)
+    after = state(module.denoiser)
     changed = [key for key in after if not torch.equal(after[key], before[key])]
     assert changed and all("lora_" in key for key in changed)

@@ -21,7 +21,7 @@ from conftest import compose
 from diffusers import DDIMScheduler
 from torch.utils.data import Subset
 
-from conceptdistill.diffusion.sampling import ddim_scheduler, inpaint_latents
+from conceptdistill.diffusion.sampling import inpaint_latents
 from conceptdistill.diffusion.tiny import build_tiny_parts
 from conceptdistill.maskmath import upsample_mask
 from conceptdistill.modules.inpainter import BackgroundInpainter
@@ -86,7 +86,7 @@ def _oracle_inpainter(*, set_alpha_to_one: bool, steps: int = 50):
     parts.scheduler = DDIMScheduler.from_config(parts.scheduler.config, set_alpha_to_one=set_alpha_to_one)
     images = _images(2)
     clean = parts.encode_images(images)
-    parts.unet = OracleUNet(clean, parts.scheduler.alphas_cumprod)
+    parts.denoiser = OracleUNet(clean, parts.scheduler.alphas_cumprod)
     module = BackgroundInpainter(parts, prompt=BACKGROUND_PROMPT, num_steps=steps, seed=0)
     return module, parts, images, clean
 
@@ -98,7 +98,7 @@ def test_oracle_unet_inpainting_reproduces_the_image_and_refines_to_an_empty_mas
 
     results = module.inpaint_and_refine(images, prelim, ids)
 
-    assert parts.unet.calls == 50  # one pass per DDIM step, the whole batch at once
+    assert parts.denoiser.calls == 50  # one pass per DDIM step, the whole batch at once
     assert [r["id"] for r in results] == ids
     for result, image, m_pre in zip(results, images, prelim, strict=True):
         x = image.numpy().transpose(1, 2, 0)
@@ -119,7 +119,7 @@ def test_oracle_unet_reproduces_the_input_with_sds_schedule_too() -> None:
     module, parts, images, clean = _oracle_inpainter(set_alpha_to_one=False, steps=steps)
     ids = ["img-0", "img-1"]
     unknown = _centre_masks(2).float()[:, None]
-    scheduler = ddim_scheduler(parts, steps)
+    scheduler = parts.sampler(steps, tuple(clean.shape[1:]))
     assert torch.as_tensor(scheduler.final_alpha_cumprod) < 1  # SD's configuration
 
     painted = inpaint_latents(

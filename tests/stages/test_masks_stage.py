@@ -18,7 +18,6 @@ from conftest import REPO, compose, one_torch_thread
 from PIL import Image
 
 from conceptdistill import runner
-from conceptdistill.modules.masker import attention_timesteps
 from conceptdistill.pipeline.artifacts import ArtifactStore
 from conceptdistill.pipeline.layout import MASK_OUTPUTS as OUTPUTS
 from conceptdistill.utils.io import read_json
@@ -91,7 +90,11 @@ def test_attention_timesteps_match_stable_diffusion_grid():
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
         num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
     )  # fmt: skip
-    timesteps = attention_timesteps(scheduler, num_steps=50, start_step=40)
+    from conceptdistill.diffusion.tiny import build_tiny_parts
+
+    parts = build_tiny_parts()
+    parts.scheduler = scheduler
+    timesteps = parts.attention_timesteps(num_steps=50, start_step=40, latent_shape=(4, 16, 16))
     assert timesteps.tolist() == list(range(781, 0, -20))
     assert len(timesteps) == 40 and timesteps[0] == 781 and timesteps[-1] == 1
     # the scheduler passed in is not changed (the grid is a copy)

@@ -43,7 +43,7 @@ def trained_world(tmp_path_factory):
 
 def weights(folder) -> dict[str, torch.Tensor]:
     parts = load_diffusion_parts(str(folder))
-    return {f"{name}.{key}": value for name, module in (("unet", parts.unet), ("text", parts.text_encoder))
+    return {f"{name}.{key}": value for name, module in (("unet", parts.denoiser), ("text", parts.text_encoder))
             for key, value in module.state_dict().items()}
 
 
@@ -56,7 +56,7 @@ def test_world_stage_trains_a_model_the_ordinary_loader_reads(trained_world):
     assert set(FIDELITY_KEYS) <= set(record)
     assert 0.0 <= record["prompt_fidelity"] <= 1.0 and 0.0 <= record["background_fidelity"] <= 1.0
     assert record["fidelity_settings"]["guidance_scale"] == 2.0
-    assert list(load_diffusion_parts(str(pipeline)).unet.config.block_out_channels) == [16, 32, 32]
+    assert list(load_diffusion_parts(str(pipeline)).denoiser.config.block_out_channels) == [16, 32, 32]
     assert (run_dir / "world" / "samples_grid.png").exists()
     assert summary["prompt_fidelity"] == record["prompt_fidelity"]
 

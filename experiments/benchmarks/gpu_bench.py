@@ -1,0 +1,248 @@
+"""GPU throughput of the method's inner loops on real-size architectures (random weights; nothing downloaded).
+
+Measures, in bf16, for each model family's published architecture (configs in
+conceptdistill/diffusion/model_configs/):
+- the masks stage: denoiser passes per second with the concept's attention captured (its unit of work; one image
+  costs T0 = 40 passes), beside plain passes (the floor), the capture overhead, and the achieved TFLOP/s of the
+  useful work (FLOPs of one plain pass, counted by torch's FlopCounterMode) against the card's dense bf16 peak;
+- a LoRA fine-tuning step (forward + backward + AdamW on the LoRA weights) per second, for SD 1.5 and SDXL;
+- peak GPU memory of each.
+Text encoders and the VAE are left out: the method encodes its few prompts once and each image once.
+
+    python experiments/benchmarks/gpu_bench.py --device cuda --out experiments/benchmarks/gpu.json
+    python experiments/benchmarks/gpu_bench.py --dry      # tiny models on the CPU, seconds (a test runs it)
+Results: gpu.json and gpu.md beside this file (the command and date are recorded in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conceptdistill.diffusion.attention import AttentionStore, capture_attention
+from conceptdistill.diffusion.parts import FAMILIES
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE.parent.parent / "conceptdistill" / "diffusion" / "model_configs"
+#: dense bf16 tensor-core peak of the H100 SXM / H200 (NVIDIA's datasheets: 989 TFLOP/s without sparsity)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+#: family -> (config folder, pipeline class, image side, masks batch, LoRA batch)
+SHAPES = {
+    "sd15": ("sd15", "StableDiffusionPipeline", 512, 8, 4),
+    "sdxl": ("sdxl", "StableDiffusionXLPipeline", 1024, 4, 2),
+    "sd3": ("sd3", "StableDiffusion3Pipeline", 1024, 2, None),
+    "sd35": ("sd35", "StableDiffusion3Pipeline", 1024, 1, None),
+    "flux": ("flux", "FluxPipeline", 1024, 1, None),
+}
+
+
+def _config(family: str, sub: str) -> dict:
+    name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+    return json.loads((CONFIGS / family / sub / name).read_text())
+
+
+def build_parts(family: str, device: str, dtype: torch.dtype, *, dry: bool):
+    """The family's denoiser and VAE from the real configs (dry: a tiny model of the family), random weights,
+    created directly on `device` in `dtype`."""
+    import diffusers
+
+    from conceptdistill.diffusion.families import load_all
+
+    load_all()
+    if dry:
+        import tempfile
+
+        from conceptdistill.diffusion.loading import load_diffusion_parts
+
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-{family}-")) / "pipeline"
+        if family == "sd15":
+            from conceptdistill.diffusion.loading import save_diffusion_parts
+            from conceptdistill.diffusion.tiny import build_tiny_parts
+
+            save_diffusion_parts(build_tiny_parts(), folder)
+        else:
+            from conceptdistill.diffusion.tiny_families import save_tiny_model
+
+            save_tiny_model(folder, family)
+        return load_diffusion_parts(folder, settings={"max_sequence_length": 32}).to(device)
+    config_family, pipeline, *_ = SHAPES[family]
+    cls = FAMILIES[pipeline]
+    denoiser_config = _config(config_family, cls.denoiser_name)
+    denoiser_cls = getattr(diffusers, denoiser_config["_class_name"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            denoiser = denoiser_cls.from_config(denoiser_config).eval()
+            vae = diffusers.AutoencoderKL.from_config(_config(config_family, "vae")).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler_config = _config(config_family, "scheduler")
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    return cls(denoiser=denoiser, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
+               settings={"max_sequence_length": 256 if family.startswith("sd3") else 512})
+
+
+def conditioning(parts, batch: int) -> dict[str, torch.Tensor]:
+    """Random text conditioning of the family's shapes (what encode_prompts returns for real encoders)."""
+    config, device, dtype = parts.denoiser.config, parts.device, parts.dtype
+    family = parts.family
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    if family == "sd":
+        return {"encoder_hidden_states": randn(batch, 77, config.cross_attention_dim)}
+    if family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return {"encoder_hidden_states": randn(batch, 77, config.cross_attention_dim), "text_embeds": randn(batch, pooled)}
+    text = 77 + parts.max_sequence_length if family == "sd3" else parts.max_sequence_length
+    return {"encoder_hidden_states": randn(batch, text, config.joint_attention_dim),
+            "pooled_projections": randn(batch, config.pooled_projection_dim)}
+
+
+def timed(fn, repeats: int, sync) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, _, side, batch, lora_batch = SHAPES[family]
+    if args.dry:
+        side, batch, lora_batch = 32, 2, (2 if lora_batch else None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    parts = build_parts(family, device, dtype, dry=args.dry)
+    latent_shape = parts.latent_shape_for(side)
+    latents = torch.randn(batch, *latent_shape, device=device, dtype=parts.dtype)
+    cond = conditioning(parts, batch) if not args.dry else parts.encode_prompts(["a photo of a bird"] * batch)
+    timesteps = parts.attention_timesteps(50, 40, latent_shape).to(device)
+    row = {"family": family, "image_side": side, "batch": batch,
+           "parameters_M": round(sum(p.numel() for p in parts.denoiser.parameters()) / 1e6, 1)}
+
+    def passes(capture: bool):
+        store = AttentionStore([5], tuple(latent_shape[-2:]))
+        with torch.no_grad(), (capture_attention(parts, store) if capture else contextlib.nullcontext()):
+            for t in timesteps[: args.steps]:
+                step = t.expand(batch)
+                parts.predict(parts.add_noise(latents, torch.randn_like(latents), step), step, cond)
+        return store
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        parts.predict(latents, timesteps[:1].expand(batch), cond)
+    flops_per_pass = counter.get_total_flops()  # the whole batch
+    plain = timed(lambda: passes(False), args.repeats, sync) / args.steps
+    captured = timed(lambda: passes(True), args.repeats, sync) / args.steps
+    row.update(
+        plain_passes_per_s=round(batch / plain, 2), capture_passes_per_s=round(batch / captured, 2),
+        capture_overhead=round(captured / plain, 3), masks_images_per_s=round(batch / captured / 40, 3),
+        gflop_per_pass=round(flops_per_pass / batch / 1e9, 1),
+        capture_tflops=round(flops_per_pass / captured / 1e12, 1),
+    )
+    if cuda:
+        row["masks_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        if peak:
+            row["capture_fraction_of_peak"] = round(row["capture_tflops"] / peak, 3)
+    if lora_batch:
+        row.update(bench_lora(parts, lora_batch, latent_shape, args, sync, cuda))
+    return row
+
+
+def bench_lora(parts, batch: int, latent_shape, args, sync, cuda: bool) -> dict:
+    """One LoRA step (rank 4 on the attention projections, the fine-tune stage's default) per call."""
+    from conceptdistill.diffusion.adapters import add_adapter
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    add_adapter(parts.denoiser, "lora", rank=4, alpha=4.0, targets=("to_q", "to_k", "to_v", "to_out.0"), seed=0)
+    parts.denoiser.train()
+    optimizer = torch.optim.AdamW([p for p in parts.denoiser.parameters() if p.requires_grad], lr=1e-4)
+    latents = torch.randn(batch, *latent_shape, device=parts.device, dtype=parts.dtype)
+    cond = conditioning(parts, batch) if not args.dry else parts.encode_prompts(["a photo of a bird"] * batch)
+    generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        timesteps = parts.training_timesteps(generators)
+        noise = torch.randn_like(latents)
+        with torch.autocast(parts.device.type, dtype=torch.bfloat16, enabled=parts.device.type == "cuda"):
+            prediction = parts.predict(parts.add_noise(latents, noise, timesteps), timesteps, cond)
+        loss = torch.nn.functional.mse_loss(prediction.float(), parts.training_target(latents, noise, timesteps).float())
+        loss.backward()
+        optimizer.step()
+
+    seconds = timed(step, args.repeats, sync)
+    result = {"lora_batch": batch, "lora_steps_per_s": round(1 / seconds, 3)}
+    if cuda:
+        result["lora_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
+def markdown(record: dict) -> str:
+    keys = ["family", "image_side", "parameters_M", "batch", "plain_passes_per_s", "capture_passes_per_s",
+            "capture_overhead", "masks_images_per_s", "gflop_per_pass", "capture_tflops", "capture_fraction_of_peak",
+            "masks_peak_GiB", "lora_batch", "lora_steps_per_s", "lora_peak_GiB"]
+    lines = [f"# GPU benchmark ({record['device']})", "", f"`{record['command']}` on {record['date']}; "
+             f"{record['steps']} denoiser passes per timing, median of {record['repeats']}; bf16 weights, random "
+             "values, the published architectures (conceptdistill/diffusion/model_configs/). One masks-stage image "
+             "costs 40 passes (T0 = 40). TFLOP/s: FLOPs of the useful (plain) pass per second of the capturing pass.",
+             "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in record["rows"]:
+        lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--families", nargs="+", default=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=10, help="denoiser passes per timing")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dry", action="store_true", help="tiny models on the CPU (seconds): checks the script")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (a .md is written beside it)")
+    args = parser.parse_args(argv)
+    if args.dry:
+        args.device, args.steps, args.repeats = "cpu", 2, 1
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for family in args.families:
+        try:
+            rows.append(bench_family(family, args, args.device, dtype))
+        except torch.OutOfMemoryError as err:  # recorded, not hidden: the table says which size did not fit
+            rows.append({"family": family, "error": f"out of memory: {err}"[:200]})
+        print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    record = {"device": device, "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
+              "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__, "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
