@@ -2,11 +2,15 @@
 
 Submodules (import them directly; this package does not import torch/diffusers until a name is used):
 
-- `loading`: `DiffusionParts`, `load_diffusion_parts`, `save_diffusion_parts`, `ModelNotFoundError`.
+- `parts`: `DiffusionParts` (the SD 1.x/2.x family and the interface every stage uses); `families/`: SDXL,
+  SD 3 / 3.5 and FLUX (flow matching in `families/flow.py`).
+- `loading`: `load_diffusion_parts`, `save_diffusion_parts`, `ModelNotFoundError`; `fingerprint`: `model_fingerprint`.
 - `latent`: `SpaceToDepthAutoencoder`, the lossless latent map of the shapes world.
-- `tokenizer`: `write_word_tokenizer`, `concept_token_indices`.
-- `tiny`: `build_tiny_parts`, random SD-shaped parts for tests.
-- `attention`: `AttentionStore`, `CapturingAttnProcessor`, `capture_cross_attention`.
+- `tokenizer`: `write_word_tokenizer`, `concept_token_indices`; `t5_tokenizer`: `write_t5_tokenizer`.
+- `tiny`: `build_tiny_parts`, random SD-shaped parts for tests; `tiny_families`: `save_tiny_model` for the other
+  families; `real_size`: `build_from_configs`, the published architectures with random weights.
+- `attention`: `AttentionStore`, `capture_attention`, `capture_cross_attention`; `processors`: the capturing
+  attention processors.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 # name -> submodule; resolved on first attribute access (PEP 562) so `import conceptdistill.diffusion` is cheap.
 _EXPORTS = {
-    "DiffusionParts": "loading",
+    "DiffusionParts": "parts",
     "ModelNotFoundError": "loading",
     "load_diffusion_parts": "loading",
     "save_diffusion_parts": "loading",
@@ -25,7 +29,8 @@ _EXPORTS = {
     "concept_token_indices": "tokenizer",
     "build_tiny_parts": "tiny",
     "AttentionStore": "attention",
-    "CapturingAttnProcessor": "attention",
+    "CapturingAttnProcessor": "processors",
+    "capture_attention": "attention",
     "capture_cross_attention": "attention",
 }
 

@@ -1,19 +1,21 @@
 """Attention processors that hand the concept tokens' attention to an `AttentionStore` (diffusion/attention.py).
 
 One per attention arithmetic diffusers uses for text-to-image attention:
-- `CapturingAttnProcessor`: a UNet's cross-attention (SD 1.x/2.x, SDXL), diffusers' `AttnProcessor` arithmetic
-  with the probabilities materialised (77 text keys: small);
+- `CapturingAttnProcessor`: a UNet's cross-attention (SD 1.x/2.x, SDXL), diffusers' `AttnProcessor2_0`;
 - `CapturingJointAttnProcessor`: SD3 / 3.5 joint attention (`JointAttnProcessor2_0`): image and text tokens
   attend to [image, text] keys together;
 - `CapturingFluxAttnProcessor`: FLUX's double-stream ([text, image] keys) and single-stream blocks
   (`FluxAttnProcessor`, rotary position embeddings).
 
-The two MMDiT processors compute the layer's output exactly as the stock processor does (the same fused
-kernel on the same tensors: identical outputs, tested) and, beside it, only what the method needs: for each
-image query, the summed probability of the concept keys, normalised over ALL keys (image and text) as the
-model's softmax normalises them (`concept_attention_mass`), in query chunks so that memory stays bounded.
-They follow the stock arithmetic line by line because no diffusers hook exposes the post-norm, post-rotary
-queries and keys; a diffusers release that changes it is caught by the equality tests.
+Each computes the layer's output as the stock processor does (fused attention on the same tensors) and, beside
+it, only what the method needs: for each image query, the summed probability of the concept keys, normalised
+over ALL keys (image and text) as the model's softmax normalises them. Where PyTorch's flash-attention kernel
+returns the softmax's log-normaliser with the output (CUDA in bf16/fp16, and the CPU kernel), the probability
+of the few concept keys is exp(q . k_c * scale - logsumexp): one small matmul beside the fused kernel, and no
+attention matrix is ever materialised (`attention_with_concept_mass`); elsewhere the scores are recomputed in
+float32 query chunks (`concept_attention_mass`). The processors follow the stock arithmetic line by line because
+no diffusers hook exposes the post-norm, post-rotary queries and keys; a diffusers release that changes it is
+caught by the equality tests.
 """
 
 from __future__ import annotations
@@ -60,13 +62,51 @@ def _key_index(store: Any, offset: int, device: torch.device) -> torch.Tensor | 
     return torch.tensor([offset + i for i in store.token_indices], dtype=torch.long, device=device)
 
 
-class CapturingAttnProcessor:
-    """diffusers `AttnProcessor` arithmetic with the attention probabilities handed to a store.
+def _fused_attention(query, key, value) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output (B, H, Nq, D), log-normaliser (B, H, Nq) float32) of softmax attention with the default scale, from
+    the flash-attention kernel that also returns the normaliser; None where PyTorch has none for these inputs.
+    These ops are PyTorch's own kernels behind `scaled_dot_product_attention` (no public API returns the
+    normaliser); any failure falls back to the unfused path."""
+    try:
+        if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256:
+            output, log_norm = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value)[:2]
+        elif query.device.type == "cpu":
+            output, log_norm = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)
+        else:
+            return None
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    return output, log_norm
 
-    Installed on cross-attention layers only (see `capture_cross_attention`); its output equals the default
-    processor's up to floating-point rounding. Projections are called as modules, so LoRA-wrapped (peft)
-    ``to_q``/``to_k``/``to_v``/``to_out`` layers behave as usual.
+
+def attention_with_concept_mass(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_index: torch.Tensor | None,
+    image_queries: slice,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention (default scale 1/sqrt(D), no mask) and the concept mass of the `image_queries`.
+
+    Args:
+        query, key, value: (B, H, N, D) in the layer's dtype.
+        key_index: concept key positions (k,), or None for all keys (the mass is then 1: a check).
+        image_queries: which queries are image positions.
+    Returns:
+        output (B, H, Nq, D) as `F.scaled_dot_product_attention` gives it, and mass (B, H, Nq_image) float32.
     """
+    fused = _fused_attention(query, key, value)
+    scale = query.shape[-1] ** -0.5
+    if fused is None:
+        output = F.scaled_dot_product_attention(query, key, value)
+        return output, concept_attention_mass(query[:, :, image_queries], key, key_index, scale)
+    output, log_norm = fused
+    keys = key if key_index is None else key.index_select(2, key_index)
+    scores = torch.matmul(query[:, :, image_queries].float(), keys.float().transpose(-1, -2)) * scale
+    return output, torch.exp(scores - log_norm[:, :, image_queries, None]).sum(dim=-1)
+
+
+class CapturingAttnProcessor:
+    """diffusers `AttnProcessor2_0` (a UNet's attention) with the concept mass of each image position handed to the
+    store, for cross-attention layers (see `unet_capturing_processors`). Projections are called as modules, so
+    LoRA-wrapped (peft) ``to_q``/``to_k``/``to_v``/``to_out`` layers behave as usual."""
 
     def __init__(self, store: Any, layer_name: str) -> None:
         self.store = store
@@ -80,7 +120,7 @@ class CapturingAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         *args: Any,
-        **kwargs: Any,  # e.g. the deprecated LoRA `scale`, ignored as diffusers' AttnProcessor does
+        **kwargs: Any,  # e.g. the deprecated LoRA `scale`, ignored as diffusers' processors do
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -89,37 +129,43 @@ class CapturingAttnProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        is_cross = encoder_hidden_states is not None
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         batch_size, key_len, _ = context.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        if is_cross and attn.norm_cross:
+        if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
 
-        # (batch*heads, len, head_dim), batch-major: row b*heads + h is image b, head h.
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        if is_cross:
-            self.store(self.layer_name, probs, attn.heads)
-
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[0](hidden_states)  # linear projection
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        if encoder_hidden_states is not None and attention_mask is None and self.store.enabled:
+            index = _key_index(self.store, 0, query.device)
+            hidden_states, mass = attention_with_concept_mass(query, key, value, index, slice(None))
+            self.store.add_mass(self.layer_name, mass)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            if encoder_hidden_states is not None and self.store.enabled:  # a masked cross-attention (rare)
+                probs = torch.softmax(query.float() @ key.float().transpose(-1, -2) * head_dim**-0.5
+                                      + attention_mask.float(), dim=-1)
+                index = _key_index(self.store, 0, query.device)
+                self.store.add_mass(self.layer_name, probs.sum(-1) if index is None else probs[..., index].sum(-1))
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
-
 
 
 def unet_capturing_processors(unet: torch.nn.Module, store: Any) -> dict[str, tuple[Any, Any]]:
@@ -166,12 +212,12 @@ class CapturingJointAttnProcessor:
             if attn.norm_added_k is not None:
                 text_k = attn.norm_added_k(text_k)
             query, key, value = (torch.cat(pair, dim=2) for pair in ((query, text_q), (key, text_k), (value, text_v)))
-            if self.store.enabled:
-                index = _key_index(self.store, image_tokens, query.device)
-                mass = concept_attention_mass(query[:, :, :image_tokens], key, index, attn.scale)
-                self.store.add_mass(self.layer_name, mass)
-
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        if encoder_hidden_states is not None and self.store.enabled:
+            index = _key_index(self.store, image_tokens, query.device)
+            hidden_states, mass = attention_with_concept_mass(query, key, value, index, slice(0, image_tokens))
+            self.store.add_mass(self.layer_name, mass)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :image_tokens], hidden_states[:, image_tokens:]
@@ -215,19 +261,24 @@ class CapturingFluxAttnProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if self.store.enabled:
-            # (B, S, H, D) -> (B, H, S, D); the image queries are the sequence's last `image_tokens`
-            q_heads, k_heads = query.transpose(1, 2), key.transpose(1, 2)
-            mass = concept_attention_mass(
-                q_heads[:, :, -self.image_tokens :], k_heads, _key_index(self.store, 0, query.device),
-                attn.head_dim**-0.5,
+        index, image = _key_index(self.store, 0, query.device), slice(query.shape[1] - self.image_tokens, None)
+        default_kernel = self._attention_backend is None and self._parallel_config is None and attention_mask is None
+        if self.store.enabled and default_kernel:
+            # diffusers' default backend is torch's SDPA on (B, H, S, D): the same kernel, with the normaliser
+            output, mass = attention_with_concept_mass(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), index, image
             )
+            hidden_states = output.transpose(1, 2)
             self.store.add_mass(self.layer_name, mass)
-
-        hidden_states = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        else:
+            if self.store.enabled:  # another attention backend: its output, and the scores recomputed beside it
+                q_heads, k_heads = query.transpose(1, 2), key.transpose(1, 2)
+                mass = concept_attention_mass(q_heads[:, :, image], k_heads, index, attn.head_dim**-0.5)
+                self.store.add_mass(self.layer_name, mass)
+            hidden_states = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return hidden_states

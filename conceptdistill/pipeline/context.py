@@ -90,7 +90,7 @@ class RunContext:
         self._checked_parts = None  # and the model itself (stage world)
 
     def model_fingerprint(self) -> str:
-        from conceptdistill.diffusion.loading import model_fingerprint
+        from conceptdistill.diffusion.fingerprint import model_fingerprint
 
         return model_fingerprint(self.diffusion_source(), revision=self.full_cfg.diffusion.get("revision"))
 

@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"family": family, "error": f"out of memory: {err}"[:200]})
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    record = {"device": device, "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
+    command = ["python", "experiments/benchmarks/gpu_bench.py", *(sys.argv[1:] if argv is None else argv)]
+    record = {"device": device, "date": datetime.date.today().isoformat(), "command": " ".join(command),
               "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")

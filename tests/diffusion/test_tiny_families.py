@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from conceptdistill.diffusion.real_size import _parameter_counts, build_from_configs
+from conceptdistill.diffusion.t5_tokenizer import write_t5_tokenizer
 from conceptdistill.diffusion.tiny import DEFAULT_WORDS
-from conceptdistill.diffusion.tiny_families import (
-    CONFIG_FAMILIES,
-    MODEL_CONFIGS,
-    TINY_FAMILIES,
-    _parameter_counts,
-    build_from_configs,
-    save_tiny_model,
-    write_t5_tokenizer,
-)
+from conceptdistill.diffusion.tiny_families import CONFIG_FAMILIES, MODEL_CONFIGS, TINY_FAMILIES, save_tiny_model
 from conceptdistill.diffusion.tokenizer import WordBoundaries, concept_token_indices, word_boundaries
 
 PIPELINES = {

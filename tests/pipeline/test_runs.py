@@ -322,7 +322,7 @@ def test_any_changed_weight_changes_the_model_fingerprint(tmp_path):
     stages that read it must rerun (hashing only the ends of large files missed this)."""
     from safetensors.torch import load_file, save_file
 
-    from conceptdistill.diffusion.loading import model_fingerprint
+    from conceptdistill.diffusion.fingerprint import model_fingerprint
     from conceptdistill.diffusion.registry import PACKAGED_WORLD_MODEL
 
     copy = shutil.copytree(PACKAGED_WORLD_MODEL, tmp_path / "model")
