@@ -57,10 +57,14 @@ def add_adapter(unet, adapter: str, *, rank: int, alpha: float, targets: tuple[s
     if adapter == "inpaint9" and not hasattr(unet, "conv_in"):
         raise ValueError(f"finetune.adapter=inpaint9 widens a UNet's input; this {type(unet).__name__} has none: "
                          "use finetune.adapter=lora or full")
-    if adapter == "full":
-        unet.requires_grad_(True)
-        return
     from diffusers.training_utils import cast_training_params
+
+    if adapter == "full":
+        # Every weight trains: float32 master weights even when the model was loaded in half precision (AdamW's
+        # small updates vanish in float16/bfloat16; mixed precision runs the forward in half precision anyway).
+        unet.requires_grad_(True)
+        cast_training_params(unet, dtype=torch.float32)
+        return
     from peft import LoraConfig
 
     unet.requires_grad_(False)

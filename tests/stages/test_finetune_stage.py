@@ -247,6 +247,18 @@ def test_full_mode_trains_base_weights():
     assert all(torch.equal(v, text_before[k]) for k, v in state(module.text_encoders).items())
 
 
+def test_full_mode_trains_float32_master_weights_of_a_half_precision_model():
+    """A model loaded in half precision (GPU runs) is fine-tuned in full with float32 weights: AdamW steps of
+    1e-5 relative size vanish in bfloat16 (7 significant bits), and mixed precision refuses float16 gradients."""
+    from conceptdistill.diffusion.adapters import add_adapter
+
+    parts = build_tiny_parts()
+    parts.denoiser.to(torch.bfloat16)
+    add_adapter(parts.denoiser, "full", rank=4, alpha=4.0, targets=("to_q",), seed=0)
+    assert {p.dtype for p in parts.denoiser.parameters()} == {torch.float32}
+    assert all(p.requires_grad for p in parts.denoiser.parameters())
+
+
 def test_inpaint9_widens_the_unet_and_starts_from_the_original():
     parts = build_tiny_parts()
     latent_channels = parts.latent_channels
