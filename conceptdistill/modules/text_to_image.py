@@ -62,6 +62,7 @@ class TextToImageTrainer(pl.LightningModule):
         caption_dropout: float = 0.0,
         train_text_encoder: bool = False,
         ema_decay: float | None = None,
+        gradient_checkpointing: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -71,6 +72,8 @@ class TextToImageTrainer(pl.LightningModule):
         self.vae.requires_grad_(False)
         self.text_encoders.requires_grad_(train_text_encoder)
         add_adapter(self.denoiser, adapter, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), seed=seed)
+        if gradient_checkpointing:  # diffusers' own: each block's activations are recomputed in the backward pass
+            self.denoiser.enable_gradient_checkpointing()
         self.ema = None
         if ema_decay:
             from diffusers.training_utils import EMAModel

@@ -5,7 +5,8 @@ conceptdistill/diffusion/model_configs/):
 - the masks stage: denoiser passes per second with the concept's attention captured (its unit of work; one image
   costs T0 = 40 passes), beside plain passes (the floor), the capture overhead, and the achieved TFLOP/s of the
   useful work (FLOPs of one plain pass, counted by torch's FlopCounterMode) against the card's dense bf16 peak;
-- a LoRA fine-tuning step (forward + backward + AdamW on the LoRA weights) per second, for SD 1.5 and SDXL;
+- a fine-tuning step (forward + backward + AdamW, bf16 autocast) per second, for SD 1.5 and SDXL: LoRA, LoRA with
+  gradient checkpointing, and full fine-tuning (float32 master weights);
 - peak GPU memory of each.
 Text encoders and the VAE are left out: the method encodes its few prompts once and each image once.
 
@@ -166,20 +167,34 @@ def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
         if peak:
             row["capture_fraction_of_peak"] = round(row["capture_tflops"] / peak, 3)
     if lora_batch:
-        row.update(bench_lora(parts, lora_batch, latent_shape, args, sync, cuda))
+        row["finetune_batch"] = lora_batch
+        for variant in ("lora", "lora_gc"):  # the same LoRA model, then with gradient checkpointing
+            row.update(bench_finetune(parts, lora_batch, latent_shape, args, sync, cuda, variant))
+        del parts  # a fresh model for full fine-tuning (no LoRA layers in it)
+        row.update(bench_finetune(build_parts(family, device, dtype, dry=args.dry), lora_batch, latent_shape, args,
+                                  sync, cuda, "full"))
     return row
 
 
-def bench_lora(parts, batch: int, latent_shape, args, sync, cuda: bool) -> dict:
-    """One LoRA step (rank 4 on the attention projections, the fine-tune stage's default) per call."""
+def bench_finetune(parts, batch: int, latent_shape, args, sync, cuda: bool, variant: str) -> dict:
+    """Fine-tuning steps per second and peak memory: forward + backward + AdamW, bf16 autocast.
+
+    variant: "lora" (rank 4 on the attention projections, the stage's default targets), "lora_gc" (the same with
+    gradient checkpointing), "full" (every weight, float32 master weights as the stage keeps them).
+    """
     from conceptdistill.diffusion.adapters import add_adapter
 
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    add_adapter(parts.denoiser, "lora", rank=4, alpha=4.0, targets=("to_q", "to_k", "to_v", "to_out.0"), seed=0)
+    if variant in ("lora", "full"):
+        adapter = "full" if variant == "full" else "lora"
+        add_adapter(parts.denoiser, adapter, rank=4, alpha=4.0, targets=("to_q", "to_k", "to_v", "to_out.0"), seed=0)
+    if variant == "lora_gc":
+        parts.denoiser.enable_gradient_checkpointing()
     parts.denoiser.train()
     optimizer = torch.optim.AdamW([p for p in parts.denoiser.parameters() if p.requires_grad], lr=1e-4)
-    latents = torch.randn(batch, *latent_shape, device=parts.device, dtype=parts.dtype)
+    latents = torch.randn(batch, *latent_shape, device=parts.device, dtype=torch.bfloat16 if cuda else torch.float32)
     cond = conditioning(parts, batch) if not args.dry else parts.encode_prompts(["a photo of a bird"] * batch)
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
 
@@ -187,23 +202,26 @@ def bench_lora(parts, batch: int, latent_shape, args, sync, cuda: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         timesteps = parts.training_timesteps(generators)
         noise = torch.randn_like(latents)
-        with torch.autocast(parts.device.type, dtype=torch.bfloat16, enabled=parts.device.type == "cuda"):
-            prediction = parts.predict(parts.add_noise(latents, noise, timesteps), timesteps, cond)
-        loss = torch.nn.functional.mse_loss(prediction.float(), parts.training_target(latents, noise, timesteps).float())
+        with torch.autocast(parts.device.type, dtype=torch.bfloat16, enabled=cuda):
+            noisy = parts.add_noise(latents, noise, timesteps)
+            prediction = parts.predict(noisy, timesteps, {k: v.to(latents.dtype) for k, v in cond.items()})
+        target = parts.training_target(latents, noise, timesteps)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
         loss.backward()
         optimizer.step()
 
     seconds = timed(step, args.repeats, sync)
-    result = {"lora_batch": batch, "lora_steps_per_s": round(1 / seconds, 3)}
+    result = {f"{variant}_steps_per_s": round(1 / seconds, 3)}
     if cuda:
-        result["lora_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result[f"{variant}_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
 
 
 def markdown(record: dict) -> str:
     keys = ["family", "image_side", "parameters_M", "batch", "plain_passes_per_s", "capture_passes_per_s",
             "capture_overhead", "masks_images_per_s", "gflop_per_pass", "capture_tflops", "capture_fraction_of_peak",
-            "masks_peak_GiB", "lora_batch", "lora_steps_per_s", "lora_peak_GiB"]
+            "masks_peak_GiB", "finetune_batch", "lora_steps_per_s", "lora_peak_GiB", "lora_gc_steps_per_s",
+            "lora_gc_peak_GiB", "full_steps_per_s", "full_peak_GiB"]
     lines = [f"# GPU benchmark ({record['device']})", "", f"`{record['command']}` on {record['date']}; "
              f"{record['steps']} denoiser passes per timing, median of {record['repeats']}; bf16 weights, random "
              "values, the published architectures (conceptdistill/diffusion/model_configs/). One masks-stage image "

@@ -420,3 +420,17 @@ def test_two_ddp_steps_on_two_cpu_processes(tmp_path):
     after = state(module.denoiser)
     changed = [key for key in after if not torch.equal(after[key], before[key])]
     assert changed and all("lora_" in key for key in changed)
+
+
+def test_gradient_checkpointing_changes_memory_not_gradients():
+    batch = next(iter(loader(2)))
+    grads = {}
+    for checkpointing in (False, True):
+        module = make_module("lora", gradient_checkpointing=checkpointing, background_probability=0.5)
+        module.train()
+        assert module.denoiser.is_gradient_checkpointing == checkpointing
+        module.training_step(batch, 0).backward()
+        grads[checkpointing] = {k: p.grad.clone() for k, p in module.denoiser.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for key, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][key], grad, rtol=1e-5, atol=1e-7)
