@@ -76,8 +76,9 @@ def run(cfg: DictConfig) -> dict[str, dict]:
                 {"fingerprint": fingerprint, "inputs": inputs, "seconds": round(seconds, 2), "command": command_line(),
                  "summary": summary},
             )
-            ctx.retire_stale_stages()
-            ran_producing = True
+            retired = ctx.retire_stale_stages()
+            # the report shows stages that declare rows or figures; others (export, predict) leave it valid
+            ran_producing = ran_producing or bool(spec.rows or spec.figures or retired)
         ctx.summaries[stage] = summary
         log.info("%s: done in %.0f s%s", name, seconds, one_line(summary))
     report = ctx.layout.stage_dir("report")

@@ -1,7 +1,7 @@
 """What fine-tuning changes in a denoiser (UNet or transformer), and the files it is saved as (next to the
 loader, diffusion/loading.py).
 
-Adapters (config `finetune.adapter`):
+Adapters (config `finetune.module.adapter`):
 - ``lora``: peft LoRA on the denoiser's attention projections; saved as one diffusers LoRA file
   (`pytorch_lora_weights.safetensors`, written by the family's stock pipeline class, so that pipeline's
   `load_lora_weights` loads it: StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline, FluxPipeline);
@@ -50,13 +50,13 @@ def add_adapter(unet, adapter: str, *, rank: int, alpha: float, targets: tuple[s
     half precision (diffusers' `cast_training_params`). `unet` is the denoiser (a UNet or a transformer).
 
     Raises:
-        ValueError: naming `finetune.adapter` for an adapter not in ADAPTERS, or ``inpaint9`` for a transformer.
+        ValueError: naming `finetune.module.adapter` for an adapter not in ADAPTERS, or ``inpaint9`` for a transformer.
     """
     if adapter not in ADAPTERS:
-        raise ValueError(f"finetune.adapter={adapter!r}: choose one of {ADAPTERS}")
+        raise ValueError(f"finetune.module.adapter={adapter!r}: choose one of {ADAPTERS}")
     if adapter == "inpaint9" and not hasattr(unet, "conv_in"):
-        raise ValueError(f"finetune.adapter=inpaint9 widens a UNet's input; this {type(unet).__name__} has none: "
-                         "use finetune.adapter=lora or full")
+        raise ValueError(f"finetune.module.adapter=inpaint9 widens a UNet's input; this {type(unet).__name__} has "
+                         "none: use finetune=lora or finetune=full")
     from diffusers.training_utils import cast_training_params
 
     if adapter == "full":

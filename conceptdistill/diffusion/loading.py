@@ -50,12 +50,14 @@ class UnsupportedModelError(ValueError):
 def _not_found(source: str, problem: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"Could not load a diffusion model from {source!r}: {problem}. "
-        "Expected a local folder in diffusers layout (model_index.json plus the subfolders unet/, vae/, "
-        "text_encoder/, tokenizer/ and scheduler/, each with its config and weights), or a Hugging Face hub id "
-        "whose files are already in the local Hugging Face cache; nothing is downloaded. To provide one, on a "
-        "machine with internet run e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir "
-        "/path/to/stable-diffusion-v1-4` (accepting the model's licence on the hub first), copy the folder here, "
-        "and point the config at it with `diffusion.path=/path/to/stable-diffusion-v1-4`."
+        "Expected a local folder in diffusers layout (model_index.json plus one subfolder per component with its "
+        "config and weights: unet/ or transformer/, vae/, text_encoder/ (and _2, _3 for SDXL, SD3, FLUX), "
+        "tokenizer/ (likewise) and scheduler/), or a Hugging Face hub id whose files are already in the local "
+        "Hugging Face cache; nothing is downloaded. To provide one, on a machine with internet run e.g. "
+        "`huggingface-cli download <hub id> --local-dir /path/to/model` (accepting the model's licence on the hub "
+        "first), copy the folder here, and point the config at it with `diffusion.path=/path/to/model` or the "
+        "environment variable the diffusion config names (SD14_PATH, SD15_PATH, SD21_PATH, SDXL_PATH, SD3_PATH, "
+        "SD35_PATH, FLUX_PATH)."
     )
 
 
@@ -88,7 +90,10 @@ def _check_layout(folder: Path, source: str, subfolders: tuple[str, ...] = SUBFO
         elif not any((folder / sub / name).is_file() for name in files):
             missing.append(f"{sub}/{' or '.join(files)}")
     if missing:
-        raise _not_found(source, f"the folder {str(folder)!r} lacks {', '.join(missing)}")
+        hint = ""
+        if any(name.startswith(("text_encoder_3", "tokenizer_3")) for name in missing):
+            hint = " (SD3 runs without its T5 encoder with diffusion.options.text_encoder_3=false)"
+        raise _not_found(source, f"the folder {str(folder)!r} lacks {', '.join(missing)}{hint}")
 
 
 def _family(folder: Path, source: str) -> type[DiffusionParts]:
@@ -139,6 +144,8 @@ def _check_scheduler(folder: Path, family: type[DiffusionParts] = DiffusionParts
                 f"{path} names {name!r}, but a {family.family} model is trained with flow matching: its folder "
                 "must name a FlowMatch* scheduler (e.g. FlowMatchEulerDiscreteScheduler)"
             )
+        if getattr(diffusers, name, None) is None:
+            raise UnsupportedModelError(f"unknown scheduler class {name!r} in {path}")
         return getattr(diffusers, name)
     if "FlowMatch" in name:
         raise UnsupportedModelError(
@@ -228,6 +235,7 @@ def load_diffusion_parts(
     settings = dict(settings or {})
     folder = _resolve_source(source, revision, local_files_only)
     family = _family(folder, source)
+    family.check_options(settings)
     if family is not DiffusionParts:
         return _load_with_pipeline(family, folder, source, variant=variant, dtype=dtype, settings=settings).to(device)
     _check_layout(folder, source)
@@ -274,8 +282,7 @@ def _load_with_pipeline(
     subfolders = family.components(settings)
     _check_layout(folder, source, subfolders)
     _check_scheduler(folder, family)
-    skipped = {name: None for name in ("text_encoder_3", "tokenizer_3") if name not in subfolders
-               and (folder / name).is_dir()}  # e.g. SD3 without T5: not even read from disk
+    skipped = dict.fromkeys(family.optional_components(settings))  # e.g. SD3 without T5: not read from disk
     try:
         pipeline = getattr(diffusers, family.pipeline_class).from_pretrained(
             folder, dtype=dtype, variant=variant, local_files_only=True, **skipped

@@ -70,6 +70,32 @@ class DiffusionParts:
     #: the family's forward process: "vp" (variance preserving, DDPM) or "flow" (rectified flow matching)
     noise_process: ClassVar[str] = "vp"
 
+    #: the `diffusion.options` this family reads, with their checks (option -> (description of valid values, test))
+    OPTIONS: ClassVar[dict[str, tuple[str, Any]]] = {}
+
+    @classmethod
+    def check_options(cls, settings: dict) -> None:
+        """Refuse unknown or invalid `diffusion.options` before anything is loaded (a misspelt option would
+        otherwise be ignored and the model run with its default).
+
+        Raises:
+            SettingsError: naming the option and what is valid.
+        """
+        from conceptdistill.checks import SettingsError
+
+        for key, value in settings.items():
+            if key not in cls.OPTIONS:
+                known = ", ".join(sorted(cls.OPTIONS)) or "none"
+                raise SettingsError(f"diffusion.options.{key}: not an option of {cls.family} models (options: {known})")
+            valid, test = cls.OPTIONS[key]
+            if not test(value):
+                raise SettingsError(f"diffusion.options.{key}={value!r}: must be {valid} for {cls.family} models")
+
+    @classmethod
+    def optional_components(cls, settings: dict) -> tuple[str, ...]:
+        """Components the settings leave out: not loaded, even when their folders are on disk."""
+        return ()
+
     @classmethod
     def components(cls, settings: dict | None = None) -> tuple[str, ...]:
         """The subfolders a model folder of this family must have (given its settings)."""
@@ -329,11 +355,13 @@ def register_parts(module: torch.nn.Module, parts: DiffusionParts) -> None:
 
 
 def check_image_size(parts: DiffusionParts, image_size: int) -> None:
-    """Raise ValueError naming `data.image_size` unless the VAE maps it to a whole latent grid (and, for
-    transformers that cut latents into patches, to a whole number of patches)."""
+    """Raise SettingsError (a ValueError) naming `data.image_size` unless the VAE maps it to a whole latent grid
+    (and, for transformers that cut latents into patches, to a whole number of patches)."""
+    from conceptdistill.checks import SettingsError
+
     factor = parts.vae_scale_factor * parts.latent_multiple
     if int(image_size) <= 0 or int(image_size) % factor:
-        raise ValueError(
+        raise SettingsError(
             f"data.image_size={image_size} is not a positive multiple of {factor} (this {parts.family} model's VAE "
             f"downsampling factor {parts.vae_scale_factor}"
             + (f" times its patch size {parts.latent_multiple}" if parts.latent_multiple > 1 else "")

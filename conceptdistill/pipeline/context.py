@@ -144,11 +144,15 @@ class RunContext:
         """Raise StageError unless every stage `stage` reads is complete for the current settings."""
         for name in stage_spec(stage).inputs_for(self.full_cfg):
             if not self.is_complete(name):
-                problem = "has not run" if self.done_record(name) is None else "was made with other settings"
-                raise StageError(
-                    f"stage {stage} reads the outputs of stage {name}, which {problem} in {self.run_dir}: run it "
-                    f"first, e.g. stages=[{name},{stage}]"
-                )
+                record = self.done_record(name)
+                if record is None:
+                    advice = f"run it first, e.g. stages=[{name},{stage}]"
+                else:  # most often: the command lacks the overrides that made the run
+                    advice = (f"repeat the settings that made it (its command: {record.get('command', 'unknown')}), "
+                              f"with stages=[{stage}]; or run it anew with these settings, stages=[{name},{stage}]")
+                problem = "has not run" if record is None else "was made with other settings"
+                raise StageError(f"stage {stage} reads the outputs of stage {name}, which {problem} in {self.run_dir}: "
+                                 f"{advice}")
 
     def view(self, stage: str) -> DictConfig:
         """The config as stage `stage` may read it: its declared settings and the infrastructure keys."""
@@ -169,6 +173,10 @@ class RunContext:
             # "Error in call to target ..." text; show the reader's message as it is.
             if isinstance(err.__cause__, DatasetLayoutError):
                 raise err.__cause__ from None
+            if isinstance(err.__cause__, ValueError):  # the data module refused a setting (e.g. a concept word)
+                from conceptdistill.checks import SettingsError
+
+                raise SettingsError(f"data: {err.__cause__}") from err.__cause__
             raise
 
     def diffusion_source(self) -> str:
@@ -216,11 +224,32 @@ class RunContext:
         VAE takes, and the concept words as whole words of the foreground prompt in its tokenizer.
 
         Raises:
-            ValueError: naming `data.image_size`, or the concept word that is not a whole word of the prompt.
+            SettingsError: naming `data.image_size`, the concept word that is not a whole word of the prompt, a
+                diffusion config of another family than the folder's, or an adapter the denoiser cannot take.
         """
+        from conceptdistill.checks import SettingsError
+
+        cfg = self.full_cfg
         parts = self.load_parts()
-        parts.concept_token_indices(self.full_cfg.prompts.foreground, list(self.full_cfg.concept))
-        size, native = int(self.full_cfg.data.image_size), parts.native_image_size
+        configured = cfg.diffusion.get("family")
+        if configured and configured != parts.family:
+            suggestion = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}.get(parts.family, parts.family)
+            raise SettingsError(
+                f"diffusion={cfg.diffusion.name} configures a {configured} model, but {self.diffusion_source()} holds a "
+                f"{parts.family} model ({parts.pipeline_class}): its precision, resolution and options would be "
+                f"wrong; use diffusion={suggestion} with this folder"
+            )
+        try:
+            parts.concept_token_indices(cfg.prompts.foreground, list(cfg.concept))
+        except ValueError as err:
+            raise SettingsError(f"concept={list(cfg.concept)} with prompts.foreground={cfg.prompts.foreground!r}: {err}") from err
+        stages = list(cfg.stages)
+        adapter = cfg.finetune.module.get("adapter") if "finetune" in cfg else None
+        if "finetune" in stages and adapter == "inpaint9" and not hasattr(parts.denoiser, "conv_in"):
+            raise SettingsError(f"finetune.module.adapter=inpaint9 (finetune=inpaint9) widens a UNet's input; this "
+                                f"{parts.family} model's denoiser is a {type(parts.denoiser).__name__}: use "
+                                "finetune=lora or finetune=full")
+        size, native = int(cfg.data.image_size), parts.native_image_size
         if size >= 2 * native or 2 * size <= native:
             log.warning("data.image_size=%d but this model's native size is %d px (its denoiser's sample size times the "
                         "VAE factor): set diffusion.resolution=%d if the model folder is not the one the diffusion "

@@ -32,7 +32,7 @@ from typing import Any
 INFRASTRUCTURE_KEYS = ("run_dir", "experiment", "trainer", "logger", "paths", "stages", "quiet")
 #: keys that cannot change a stage's results; a change to them never invalidates finished work
 PRESENTATION_KEYS = frozenset({
-    "diffusion.name", "diffusion.path", "diffusion.batch_size",
+    "diffusion.name", "diffusion.family", "diffusion.path", "diffusion.batch_size",
     "data.num_workers", "data.scan_workers",
     "masks.batch_size", "masks.figure_samples",
     "inpaint.batch_size", "inpaint.figure_samples",

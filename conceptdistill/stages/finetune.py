@@ -47,9 +47,10 @@ def run_finetune(ctx: RunContext) -> dict:
     loader = step_loader(ctx.datamodule, dataset, batch_size=ft.batch_size, seed=cfg.seed, salt="finetune",
                          start_step=checkpoint_step(resume), trainer=trainer)
     trainer.fit(module, loader, ckpt_path=str(resume) if resume else None)
+    trained = sum(p.numel() for p in module.trainable_parameters())  # before export merges an inpaint9 LoRA
     weights = module.export(ctx.layout.finetuned_weights())
     write_json(folder / "loss.json", {"step_loss": history.history})
     return {"adapter": module.hparams.adapter, "steps": int(trainer.global_step),
             "weights": str(weights.relative_to(ctx.run_dir)),
-            "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
+            "trainable_parameters": trained,
             **loss_curve_summary(history.history)}

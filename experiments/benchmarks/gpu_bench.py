@@ -73,7 +73,8 @@ def build_parts(family: str, device: str, dtype: torch.dtype, *, dry: bool):
             from conceptdistill.diffusion.tiny_families import save_tiny_model
 
             save_tiny_model(folder, family)
-        return load_diffusion_parts(folder, settings={"max_sequence_length": 32}).to(device)
+        flow = family in ("sd3", "sd35", "flux")
+        return load_diffusion_parts(folder, settings={"max_sequence_length": 32} if flow else {}).to(device)
     config_family, pipeline, *_ = SHAPES[family]
     cls = FAMILIES[pipeline]
     denoiser_config = _config(config_family, cls.denoiser_name)
@@ -88,8 +89,8 @@ def build_parts(family: str, device: str, dtype: torch.dtype, *, dry: bool):
         torch.set_default_dtype(previous)
     scheduler_config = _config(config_family, "scheduler")
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    return cls(denoiser=denoiser, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
-               settings={"max_sequence_length": 256 if family.startswith("sd3") else 512})
+    settings = {"max_sequence_length": 256 if family.startswith("sd3") else 512} if cls.noise_process == "flow" else {}
+    return cls(denoiser=denoiser, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler, settings=settings)
 
 
 def conditioning(parts, batch: int) -> dict[str, torch.Tensor]:

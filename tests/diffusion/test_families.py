@@ -229,3 +229,91 @@ def test_real_size_configs_run_one_masks_step(tmp_path, family, num_layers, side
     with torch.no_grad():
         maps, store = masker.attention_maps(images, ["img-0"])
     assert maps.shape == (1, side // 8, side // 8) and torch.isfinite(maps).all() and store.count > 0
+
+
+# ----- what the folder and the settings claim, checked before any work ----------------------------------------
+def _copy(folder, tmp_path, name="copy"):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / name)
+
+
+def test_sd3_runs_without_t5_on_disk(tmp_path):
+    import shutil
+
+    from conceptdistill.diffusion.tiny_families import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "sd3", "sd3")
+    shutil.rmtree(folder / "text_encoder_3"), shutil.rmtree(folder / "tokenizer_3")
+    parts = load_diffusion_parts(folder, settings={"text_encoder_3": False, "max_sequence_length": 32})
+    assert parts.text_encoder_3 is None
+    clip = parts.tokenizer.model_max_length  # the T5 part of the sequence is zeros, as the stock pipeline makes it
+    assert not parts.encode_prompts(PROMPT)["encoder_hidden_states"][:, clip:].any()
+    from conceptdistill.diffusion.loading import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="text_encoder_3=false"):
+        load_diffusion_parts(folder, settings={"max_sequence_length": 32})
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"max_sequence_length": -1}, r"max_sequence_length=-1: must be an integer from 1 to 512"),
+    ({"max_sequence_length": 600}, r"max_sequence_length=600"),
+    ({"guidance_scale": 3.5}, r"diffusion.options.guidance_scale: not an option of flux models \(options: guidance"),
+])  # fmt: skip
+def test_family_options_are_checked_before_loading(tmp_path, options, match):
+    from conceptdistill.checks import SettingsError
+    from conceptdistill.diffusion.tiny_families import save_tiny_model
+
+    with pytest.raises(SettingsError, match=match):
+        load_diffusion_parts(save_tiny_model(tmp_path / "flux", "flux"), settings=options)
+
+
+def test_an_unknown_flow_scheduler_class_is_refused(tmp_path):
+    from conceptdistill.diffusion.loading import UnsupportedModelError
+    from conceptdistill.diffusion.tiny_families import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "sd3", "sd3")
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "FlowMatchFooScheduler"}))
+    with pytest.raises(UnsupportedModelError, match="unknown scheduler class 'FlowMatchFooScheduler'"):
+        load_diffusion_parts(folder)
+
+
+@pytest.mark.parametrize("tiny_family_model", ["flux"], indirect=True)
+def test_settings_only_the_model_can_check_are_refused_before_any_work(tmp_path, tiny_family_model, family):
+    from conceptdistill.checks import SettingsError
+
+    base = ["data.num_train=4", "data.num_test=2", "logger=none", *TINY_STEPS, "stages=[masks,finetune]"]
+    flux = family_overrides(family, tiny_family_model)
+    cases = [
+        (["diffusion=sdxl", f"diffusion.path={tiny_family_model}"],
+         r"diffusion=sdxl configures a sdxl model, but .* holds a flux model \(FluxPipeline\).*use diffusion=flux"),
+        ([*flux, "concept=[square]", "prompts.foreground='a photo of a circle'"], r"concept=\['square'\] with "
+         r"prompts.foreground='a photo of a circle': concept words must be whole words"),
+        ([*flux, "concept=[dog]"], r"data: concept words \['dog'\] are not shapes or colours of this world"),
+        ([*flux, "data.image_size=34"], r"data.image_size=34 is not a positive multiple of 4"),
+        ([*flux, "finetune=inpaint9"], r"finetune.module.adapter=inpaint9 .* FluxTransformer2DModel"),
+    ]
+    for number, (extra, match) in enumerate(cases):
+        run_dir = tmp_path / f"run-{number}"
+        with pytest.raises(SettingsError, match=match):
+            run(compose([*base, *extra], run_dir=run_dir))
+        assert not list(run_dir.rglob("*.npy")), extra  # refused before any image was processed
+
+
+@pytest.mark.parametrize("tiny_family_model", ["flux"], indirect=True)
+def test_flux_native_size_comes_from_its_vae(tiny_family_model, family):
+    assert loaded(family, tiny_family_model).native_image_size == 32  # the tiny VAE's sample_size
+
+
+def test_sdxl_empty_prompt_follows_the_folder_unless_set(tmp_path):
+    from conceptdistill.diffusion.tiny_families import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "sdxl", "sdxl")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["force_zeros_for_empty_prompt"] is True
+    assert not load_diffusion_parts(folder).encode_prompts("")["text_embeds"].any()
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    assert load_diffusion_parts(folder).encode_prompts("")["text_embeds"].any()
+    forced = load_diffusion_parts(folder, settings={"force_zeros_for_empty_prompt": True})
+    assert not forced.encode_prompts("")["text_embeds"].any()

@@ -108,3 +108,20 @@ def test_an_export_beyond_its_tolerance_is_refused_and_keeps_no_file(exported, m
     assert summary["sources"]["preliminary"]["onnx"]["max_abs_difference"] == pytest.approx(1e-3, rel=1e-2)
     record = json.loads((run_dir / "export" / "preliminary" / "export.json").read_text())
     assert record["tolerance"]["onnx"] == 0.01 and "export.check_dir" in record["checked_on"]
+
+
+def test_exporting_leaves_the_report_in_place_and_a_mismatch_names_the_command(exported, tmp_path):
+    """Export changes nothing the report shows, so the report stays where results are looked for; a command
+    missing the run's overrides is told the command that made the run."""
+    import shutil
+
+    source, _, overrides = exported
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    with one_torch_thread():
+        run(compose([*overrides, "stages=[report]"], run_dir=run_dir))
+        (run_dir / "export" / "DONE.json").unlink()  # the export runs again
+        run(compose([*overrides, "stages=[export]"], run_dir=run_dir))
+    assert (run_dir / "report" / "index.html").exists() and not list(run_dir.glob("report.stale*"))
+    with pytest.raises(StageError, match=r"repeat the settings that made it \(its command: "):
+        run(compose([*overrides, "segment.max_steps=3", "stages=[export]"], run_dir=run_dir))

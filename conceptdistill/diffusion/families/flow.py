@@ -17,6 +17,11 @@ import torch
 from conceptdistill.diffusion.parts import DiffusionParts
 
 
+def _token_count(value) -> bool:
+    """A T5 sequence length the stock pipelines accept: 1 to 512 tokens."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 512
+
+
 class FlowMatchingParts(DiffusionParts):
     """DiffusionParts with the flow-matching forward process; a transformer denoiser cutting latents into
     `patch_size` x `patch_size` patches. Subclassed by the SD3 and FLUX families."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from conceptdistill.diffusion.families.flow import FlowMatchingParts
+from conceptdistill.diffusion.families.flow import FlowMatchingParts, _token_count
 from conceptdistill.diffusion.parts import Conditioning, register_family
 
 
@@ -21,6 +21,11 @@ class FluxParts(FlowMatchingParts):
 
     family = "flux"
     pipeline_class = "FluxPipeline"
+    OPTIONS = {
+        "max_sequence_length": ("an integer from 1 to 512 (T5 tokens)", _token_count),
+        "guidance": ("a number >= 0 (the distilled guidance scale)",
+                     lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    }
 
     @classmethod
     def components(cls, settings=None):
@@ -33,6 +38,11 @@ class FluxParts(FlowMatchingParts):
     @property
     def latent_multiple(self) -> int:
         return 2  # latents are packed into 2x2 patches
+
+    @property
+    def native_image_size(self) -> int:
+        """FLUX's transformer records no sample size; its VAE's config does (1024 for FLUX.1)."""
+        return int(getattr(self.vae.config, "sample_size", None) or 1024)
 
     @property
     def denoiser_in_channels(self) -> int:
@@ -71,7 +81,7 @@ class FluxParts(FlowMatchingParts):
         from diffusers import FluxPipeline
 
         if extra_input is not None:
-            raise ValueError("FLUX models take no inpainting input (finetune.adapter=inpaint9 is for UNets)")
+            raise ValueError("FLUX models take no inpainting input (finetune=inpaint9 is for UNets)")
         batch, channels, height, width = latents.shape
         packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from conceptdistill.diffusion.families.flow import FlowMatchingParts
+from conceptdistill.diffusion.families.flow import FlowMatchingParts, _token_count
 from conceptdistill.diffusion.parts import Conditioning, register_family
 
 
@@ -20,6 +20,14 @@ class StableDiffusion3Parts(FlowMatchingParts):
 
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    OPTIONS = {
+        "max_sequence_length": ("an integer from 1 to 512 (T5 tokens)", _token_count),
+        "text_encoder_3": ("true or false (false: T5 is not loaded)", lambda v: isinstance(v, bool)),
+    }
+
+    @classmethod
+    def optional_components(cls, settings):
+        return () if settings.get("text_encoder_3", True) else ("text_encoder_3", "tokenizer_3")
 
     @classmethod
     def components(cls, settings=None):
@@ -71,7 +79,7 @@ class StableDiffusion3Parts(FlowMatchingParts):
     def predict(self, latents, timesteps, cond, extra_input=None):
         """The transformer's velocity (B, C, h, w); `timesteps` are sigma x 1000, as the stock pipeline passes."""
         if extra_input is not None:
-            raise ValueError("SD3 models take no inpainting input (finetune.adapter=inpaint9 is for UNets)")
+            raise ValueError("SD3 models take no inpainting input (finetune=inpaint9 is for UNets)")
         return self.denoiser(
             hidden_states=latents, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
             pooled_projections=cond["pooled_projections"], return_dict=False,

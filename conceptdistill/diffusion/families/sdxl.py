@@ -20,6 +20,8 @@ class StableDiffusionXLParts(DiffusionParts):
 
     family = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    OPTIONS = {"force_zeros_for_empty_prompt": ("true or false (default: what the folder's pipeline config says)",
+                                                lambda v: isinstance(v, bool))}
 
     @classmethod
     def components(cls, settings=None):
