@@ -74,7 +74,7 @@ class RunContext:
         them (so a change upstream changes every fingerprint downstream, before anything reruns)."""
         if stage not in self._fingerprints:
             spec = stage_spec(stage)
-            settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings)}
+            settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings_for(self.full_cfg))}
             if spec.uses_model:
                 settings["model_weights"] = self.model_fingerprint()
             if spec.reads_data and not spec.always_run:
@@ -152,7 +152,7 @@ class RunContext:
 
     def view(self, stage: str) -> DictConfig:
         """The config as stage `stage` may read it: its declared settings and the infrastructure keys."""
-        return config_view(self.full_cfg, (*INFRASTRUCTURE_KEYS, *stage_spec(stage).settings))
+        return config_view(self.full_cfg, (*INFRASTRUCTURE_KEYS, *stage_spec(stage).settings_for(self.full_cfg)))
 
     # ----- shared resources ---------------------------------------------------------------------
     @cached_property
