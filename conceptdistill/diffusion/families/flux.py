@@ -21,6 +21,7 @@ class FluxParts(FlowMatchingParts):
 
     family = "flux"
     pipeline_class = "FluxPipeline"
+    attention_spaces = ("cross", "output")
 
     @classmethod
     def components(cls, settings=None):
