@@ -213,12 +213,17 @@ class RunContext:
 
     def check_model_settings(self) -> None:
         """The settings only the model can check, before any stage moves or writes anything: the image size its
-        VAE takes, and the concept words as whole words of the foreground prompt in its tokenizer.
+        VAE takes, the concept words as whole words of the foreground prompt in its tokenizer, and the attention
+        space stage 1 reads (ConceptAttention needs an MMDiT).
 
         Raises:
-            ValueError: naming `data.image_size`, or the concept word that is not a whole word of the prompt.
+            ValueError: naming `data.image_size`, `masks.module.attention_space`, or the concept word that is not a
+                whole word of the prompt.
         """
         parts = self.load_parts()
+        space = OmegaConf.select(self.full_cfg, "masks.module.attention_space")
+        if space is not None and {"masks", "synthesize"} & set(self.full_cfg.get("stages") or []):
+            parts.check_attention_space(str(space))
         parts.concept_token_indices(self.full_cfg.prompts.foreground, list(self.full_cfg.concept))
         size, native = int(self.full_cfg.data.image_size), parts.native_image_size
         if size >= 2 * native or 2 * size <= native:
