@@ -69,6 +69,10 @@ def check_settings(cfg: DictConfig) -> DictConfig:
     stages = set(cfg.get("stages") or [])
     if "masks" in cfg and stages & {"masks", "synthesize"}:
         check_timestep_grid(cfg.masks.module.num_steps, cfg.masks.module.start_step)
+        space = OmegaConf.select(cfg, "masks.module.attention_space")
+        if space is not None and space not in ("cross", "output"):
+            raise SettingsError(f"masks.module.attention_space={space}: choose cross (cross-attention probabilities, "
+                                "the paper) or output (ConceptAttention, SD 3 / 3.5 and FLUX)")
     for key in ("inpaint.module.num_steps", "synthesize.module.num_steps", "finetune.sample_steps"):
         value = OmegaConf.select(cfg, key)
         if value is not None and int(value) < 1:

@@ -10,7 +10,8 @@ Submodules (import them directly; this package does not import torch/diffusers u
 - `tiny`: `build_tiny_parts`, random SD-shaped parts for tests; `tiny_families`: `save_tiny_model` for the other
   families; `real_size`: `build_from_configs`, the published architectures with random weights.
 - `attention`: `AttentionStore`, `capture_attention`, `capture_cross_attention`; `processors`: the capturing
-  attention processors.
+  attention processors; `concept_attention`: `ConceptAttentionStore`, ConceptAttention's output-space maps for
+  the MMDiT families.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _EXPORTS = {
     "CapturingAttnProcessor": "processors",
     "capture_attention": "attention",
     "capture_cross_attention": "attention",
+    "ConceptAttentionStore": "concept_attention",
 }
 
 __all__ = sorted(_EXPORTS)

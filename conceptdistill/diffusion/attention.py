@@ -11,6 +11,10 @@ probabilities to an `AttentionStore`. The original processors come back on exit.
 The store reduces each layer's probabilities to one map per image right away (sum over the concept tokens,
 mean over heads, nearest upsampling to the latent grid) and keeps only running sums, so memory does not grow
 with the number of layers or timesteps.
+
+A store names the attention space it reads (`space`, the setting `masks.module.attention_space`) and installs
+what feeds it (`capture`): this module's store reads cross-attention ("cross"); diffusion/concept_attention.py's
+`ConceptAttentionStore` reads an MMDiT's attention outputs ("output", ConceptAttention).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class AttentionStore:
     uninstalling the processors. Call `reset` between batches of images.
     """
 
+    #: the attention space whose maps the store takes (`masks.module.attention_space`)
+    space = "cross"
+
     def __init__(
         self,
         token_indices: Sequence[int] | None,
@@ -64,6 +71,11 @@ class AttentionStore:
         self.enabled = True
         self._grid_cache: dict[int, tuple[int, int]] = {}
         self.reset()
+
+    def capture(self, parts: Any):
+        """A context manager installing, on `parts`' denoiser, what feeds this store: the family's capturing
+        processors (`DiffusionParts.capturing_processors`)."""
+        return _installed(parts.capturing_processors(self), self)
 
     def reset(self) -> None:
         """Forget everything accumulated (keeps the configuration)."""
@@ -184,10 +196,12 @@ def capture_attention(parts: Any, store: AttentionStore):
     `DiffusionParts.capturing_processors`. Other layers keep their fast processors; on exit, also after an
     exception, each layer gets back the very processor object it had before.
 
+    A store of another attention space installs its own hooks instead (`store.capture`).
+
     Raises:
         ValueError: when no layer matches the store's layer filter (`masks.module.layers`).
     """
-    return _installed(parts.capturing_processors(store), store)
+    return store.capture(parts)
 
 
 @contextlib.contextmanager

@@ -69,6 +69,10 @@ class DiffusionParts:
     denoiser_name: ClassVar[str] = "unet"
     #: the family's forward process: "vp" (variance preserving, DDPM) or "flow" (rectified flow matching)
     noise_process: ClassVar[str] = "vp"
+    #: where stage 1 may read the concept's maps (`masks.module.attention_space`): "cross", the probability image
+    #: positions give the concept's text tokens (every family); "output", ConceptAttention's attention-output
+    #: similarity (the MMDiT families, diffusion/concept_attention.py)
+    attention_spaces: ClassVar[tuple[str, ...]] = ("cross",)
 
     #: the `diffusion.options` this family reads, with their checks (option -> (description of valid values, test))
     OPTIONS: ClassVar[dict[str, tuple[str, Any]]] = {}
@@ -229,6 +233,19 @@ class DiffusionParts:
         from conceptdistill.diffusion.processors import unet_capturing_processors
 
         return unet_capturing_processors(self.denoiser, store)
+
+    def check_attention_space(self, space: str) -> None:
+        """Raise ValueError naming `masks.module.attention_space` (and this family) unless this family's maps
+        can be read in `space`."""
+        if space not in ("cross", "output"):
+            raise ValueError(f"masks.module.attention_space={space!r}: choose cross (cross-attention "
+                             "probabilities) or output (ConceptAttention, SD 3 / 3.5 and FLUX)")
+        if space not in self.attention_spaces:
+            raise ValueError(
+                f"masks.module.attention_space={space} needs an MMDiT with a text stream (SD 3 / 3.5, FLUX), but this "
+                f"model is of the {self.family} family ({type(self.denoiser).__name__}), which has cross-attention "
+                "only: use masks.module.attention_space=cross"
+            )
 
     def concept_token_indices(self, prompt: str, words: str | list[str]) -> list[int]:
         """Positions of the concept word(s) in the text sequence the denoiser attends to (see

@@ -4,6 +4,10 @@ For every image: encode it; for each timestep of the grid (T steps, from the T0-
 the clean latent afresh and run one conditional UNet pass with the foreground prompt while a capturing
 processor averages the concept token(s)' cross-attention over heads, layers and steps into one map A.
 A GMM-midpoint threshold and a majority filter turn A into the mask M_pre (latent resolution).
+
+With ``attention_space="output"`` (SD 3 / 3.5, FLUX) A is ConceptAttention's map instead: the concept's words
+and the background's content words ride along as concept tokens, and A is the concept's share of the softmax
+over them of attention-output similarity (diffusion/concept_attention.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from conceptdistill.diffusion.attention import AttentionStore, capture_attention
+from conceptdistill.diffusion.concept_attention import ConceptAttentionStore, concept_set
 from conceptdistill.diffusion.parts import register_parts
 from conceptdistill.maskmath import binarize_map, close_and_fill_holes
 from conceptdistill.utils.seeding import sample_generators
@@ -31,18 +36,32 @@ NONFINITE_MAP = "non-finite attention map (its latent or the UNet's activations 
 class AttentionMaskGenerator(pl.LightningModule):
     """predict_step: a batch ("image" (B, 3, H, W) in [0, 1], "id") -> per image a dict with the attention map A
     ("attention", (h, w) float32 on the latent grid) and M_pre ("mask", (h, w) bool), or "skipped" with the
-    reason when A is not finite."""
+    reason when A is not finite.
+
+    `attention_space` is "cross" (the concept tokens' attention probability) or "output" (ConceptAttention, MMDiT
+    families only; refused here, before any image, for others). For "output" the concepts are the concept's words
+    and `background_concepts`, or when that is None the content words of `background_prompt`."""
 
     def __init__(
         self, parts: DiffusionParts, *, prompt: str, concept: list[str], num_steps: int = 50, start_step: int = 40,
         layers: list[str] | None = None, filter_size: int = 3, polarity: str = "high", fill_holes: bool = False,
-        closing_size: int = 3, seed: int = 0,
+        closing_size: int = 3, seed: int = 0, attention_space: str = "cross", background_prompt: str | None = None,
+        background_concepts: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.parts = parts
         register_parts(self, parts)
         self.prompt = prompt
+        parts.check_attention_space(attention_space)
         self.token_indices = parts.concept_token_indices(prompt, concept)
+        self.attention_space = attention_space
+        self.concepts: list[str] = [concept] if isinstance(concept, str) else [str(word) for word in concept]
+        self.foreground = len(self.concepts)
+        if attention_space == "output":
+            self.concepts = concept_set(self.concepts, background_prompt, background_concepts)
+            for word in self.concepts:  # a word the tokenizer gives no token fails here, before any image
+                if not parts.concept_stream_positions(word):
+                    raise ValueError(f"concept {word!r} has no token in the text sequence its concept token is taken from")
         self.num_steps, self.start_step = num_steps, start_step
         # a grid that cannot work fails here, before any image (flow models shift it by image size: see below)
         parts.attention_timesteps(num_steps, start_step, parts.latent_shape_for(parts.native_image_size))
@@ -60,7 +79,11 @@ class AttentionMaskGenerator(pl.LightningModule):
         each layer's own mean, for diagnostics)."""
         latents = self.parts.encode_images(images.to(self.device))
         cond = self.parts.encode_prompts([self.prompt] * len(ids))
-        store = AttentionStore(self.token_indices, tuple(latents.shape[-2:]), layers=self.layers, per_layer=per_layer)
+        if self.attention_space == "output":
+            store = ConceptAttentionStore(self.parts.concept_token_states(self.concepts), self.foreground,
+                                          tuple(latents.shape[-2:]), layers=self.layers, per_layer=per_layer)
+        else:
+            store = AttentionStore(self.token_indices, tuple(latents.shape[-2:]), layers=self.layers, per_layer=per_layer)
         generators = sample_generators(self.seed, ids, "masks")
         extra = None
         if self.parts.denoiser_in_channels > latents.shape[1]:  # a 9-channel UNet: "repaint everything"

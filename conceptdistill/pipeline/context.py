@@ -74,7 +74,7 @@ class RunContext:
         them (so a change upstream changes every fingerprint downstream, before anything reruns)."""
         if stage not in self._fingerprints:
             spec = stage_spec(stage)
-            settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings)}
+            settings: dict[str, Any] = {"settings": result_settings(self.full_cfg, spec.settings_for(self.full_cfg))}
             if spec.uses_model:
                 settings["model_weights"] = self.model_fingerprint()
             if spec.reads_data and not spec.always_run:
@@ -156,7 +156,7 @@ class RunContext:
 
     def view(self, stage: str) -> DictConfig:
         """The config as stage `stage` may read it: its declared settings and the infrastructure keys."""
-        return config_view(self.full_cfg, (*INFRASTRUCTURE_KEYS, *stage_spec(stage).settings))
+        return config_view(self.full_cfg, (*INFRASTRUCTURE_KEYS, *stage_spec(stage).settings_for(self.full_cfg)))
 
     # ----- shared resources ---------------------------------------------------------------------
     @cached_property
@@ -221,11 +221,13 @@ class RunContext:
 
     def check_model_settings(self) -> None:
         """The settings only the model can check, before any stage moves or writes anything: the image size its
-        VAE takes, and the concept words as whole words of the foreground prompt in its tokenizer.
+        VAE takes, the concept words as whole words of the foreground prompt in its tokenizer, and the attention
+        space stage 1 reads (ConceptAttention needs an MMDiT).
 
         Raises:
-            SettingsError: naming `data.image_size`, the concept word that is not a whole word of the prompt, a
-                diffusion config of another family than the folder's, or an adapter the denoiser cannot take.
+            SettingsError: naming `data.image_size`, `masks.module.attention_space`, the concept word that is not
+                a whole word of the prompt, a diffusion config of another family than the folder's, or an adapter
+                the denoiser cannot take.
         """
         from conceptdistill.checks import SettingsError
 
@@ -239,6 +241,12 @@ class RunContext:
                 f"{parts.family} model ({parts.pipeline_class}): its precision, resolution and options would be "
                 f"wrong; use diffusion={suggestion} with this folder"
             )
+        space = OmegaConf.select(cfg, "masks.module.attention_space")
+        if space is not None and {"masks", "synthesize"} & set(cfg.get("stages") or []):
+            try:
+                parts.check_attention_space(str(space))
+            except ValueError as err:
+                raise SettingsError(str(err)) from err
         try:
             parts.concept_token_indices(cfg.prompts.foreground, list(cfg.concept))
         except ValueError as err:

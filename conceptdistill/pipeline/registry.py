@@ -1,9 +1,10 @@
 """The stage registry: each stage declares itself once, where it is defined, with `@register_stage`.
 
 A declaration names what the stage's results depend on, and the runner derives everything else from it:
-- ``settings``: the dotted config keys the stage reads (``"masks"``, ``"prompts.foreground"``). The stage is
-  run with a view of the config that holds only these keys (plus the hardware and logging keys every stage
-  may use), so a stage cannot read a setting its fingerprint does not cover;
+- ``settings``: the dotted config keys the stage reads (``"masks"``, ``"prompts.foreground"``), or a function of
+  the config giving them (for a stage that reads a key only under some settings). The stage is run with a view
+  of the config that holds only these keys (plus the hardware and logging keys every stage may use), so a
+  stage cannot read a setting its fingerprint does not cover;
 - ``inputs``: the stages whose artifacts it reads (a tuple, or a function of the config for stages whose
   inputs depend on settings, such as `segment`'s mask sources). Their fingerprints are part of its own, so a
   change upstream invalidates everything downstream, and the runner refuses to run a stage whose inputs are
@@ -59,13 +60,16 @@ class StageSpec:
     name: str
     module: str
     function: str
-    settings: tuple[str, ...]
+    settings: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
     inputs: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     uses_model: bool = False
     always_run: bool = False
     reads_data: bool = True
     rows: tuple[tuple[str, str], ...] = ()
     figures: tuple[tuple[str, str], ...] = ()
+
+    def settings_for(self, cfg) -> tuple[str, ...]:
+        return tuple(self.settings(cfg) if callable(self.settings) else self.settings)
 
     def inputs_for(self, cfg) -> tuple[str, ...]:
         return tuple(self.inputs(cfg) if callable(self.inputs) else self.inputs)
@@ -79,7 +83,7 @@ _REGISTRY: dict[str, StageSpec] = {}
 
 
 def register_stage(
-    name: str, *, settings: tuple[str, ...], inputs=(), uses_model: bool = False, always_run: bool = False,
+    name: str, *, settings, inputs=(), uses_model: bool = False, always_run: bool = False,
     reads_data: bool = True, rows: dict[str, str] | None = None, figures: dict[str, str] | None = None,
 ):
     """Decorator for a stage's run function ``run(ctx) -> dict`` (see the module docstring for the arguments).
@@ -90,7 +94,8 @@ def register_stage(
 
     def register(function):
         spec = StageSpec(
-            name=name, module=function.__module__, function=function.__name__, settings=tuple(settings),
+            name=name, module=function.__module__, function=function.__name__,
+            settings=settings if callable(settings) else tuple(settings),
             inputs=inputs, uses_model=uses_model, always_run=always_run, reads_data=reads_data,
             rows=tuple((rows or {}).items()), figures=tuple((figures or {}).items()),
         )

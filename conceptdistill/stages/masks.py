@@ -7,23 +7,34 @@ A and M_pre per image (pipeline/layout.py), and scores them where the data set h
 from __future__ import annotations
 
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conceptdistill.evaluation import evaluate_mask_stage
 from conceptdistill.pipeline.artifacts import SampleWriter, pending, split_counts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
+SETTINGS = ("seed", "concept", "prompts.foreground", "diffusion", "data", "splits", "masks", *PREDICTION_HARDWARE)
+
+
+def masks_settings(cfg) -> tuple[str, ...]:
+    """The stage's settings; ConceptAttention (masks.module.attention_space=output) also reads the background
+    prompt, whose content words are the concepts the concept competes with. Cross-attention masks do not depend on
+    it, so that changing it (for the fine-tuning) does not redo them."""
+    reads_background = OmegaConf.select(cfg, "masks.module.attention_space") == "output"
+    return (*SETTINGS, *(("prompts.background",) if reads_background else ()))
+
 
 @register_stage(
-    "masks", uses_model=True,
-    settings=("seed", "concept", "prompts.foreground", "diffusion", "data", "splits", "masks", *PREDICTION_HARDWARE),
+    "masks", uses_model=True, settings=masks_settings,
     rows={"baseline_all_foreground": "baseline: all foreground", "baseline_centre_box": "baseline: best centred square",
           "preliminary_masks": "preliminary masks M_pre"},
     figures={"masks_grid.png": "masks_grid.png"},
 )
 def run_masks(ctx: RunContext) -> dict:
     cfg = ctx.cfg
-    module = instantiate(cfg.masks.module, _convert_="all")(ctx.load_parts())
+    background = OmegaConf.select(cfg, "prompts.background")  # in the view only when the masker reads it
+    module = instantiate(cfg.masks.module, _convert_="all")(ctx.load_parts(), background_prompt=background)
     summary: dict = {}
     for split in cfg.splits:
         store = ctx.layout.mask_store(split)

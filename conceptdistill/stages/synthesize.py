@@ -20,7 +20,7 @@ from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
 def build_generator(cfg, parts):
     """The generator with its masker and inpainter, all on `parts` (the fine-tuned model)."""
-    masker = instantiate(cfg.masks.module, _convert_="all")(parts)
+    masker = instantiate(cfg.masks.module, _convert_="all")(parts, background_prompt=cfg.prompts.background)
     inpainter = instantiate(cfg.inpaint.module, _convert_="all")(parts)
     return instantiate(cfg.synthesize.module, _convert_="all")(parts, masker=masker, inpainter=inpainter)
 

@@ -37,6 +37,20 @@ class FlowMatchingParts(DiffusionParts):
     def latent_multiple(self) -> int:
         return int(getattr(self.denoiser.config, "patch_size", 2) or 2)
 
+    def concept_stream_positions(self, word: str) -> list[int]:
+        """Positions of `word`'s tokens in the text sequence of `word` encoded on its own, in the part of the
+        sequence a concept token is taken from (`concept_token_states`)."""
+        return self.concept_token_indices(word, word)
+
+    def concept_token_states(self, words: list[str]) -> torch.Tensor:
+        """ConceptAttention's concept tokens (diffusion/concept_attention.py): (len(words), D), one row per word,
+        the text state of the word encoded on its own by the family's prompt encoding (cached per word), averaged
+        over the word's pieces when the tokenizer cuts it (one token per word, so that each word counts once in
+        the softmax over concepts), on the denoiser's device and dtype."""
+        states = self.encode_prompts(list(words))["encoder_hidden_states"]
+        rows = [states[i, self.concept_stream_positions(word)].float().mean(dim=0) for i, word in enumerate(words)]
+        return torch.stack(rows).to(states.dtype)
+
     def flow_scheduler(self):
         """A fresh `FlowMatchEulerDiscreteScheduler` from the folder's scheduler config (its training grid)."""
         from diffusers import FlowMatchEulerDiscreteScheduler

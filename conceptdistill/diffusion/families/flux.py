@@ -26,6 +26,7 @@ class FluxParts(FlowMatchingParts):
         "guidance": ("a number >= 0 (the distilled guidance scale)",
                      lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
     }
+    attention_spaces = ("cross", "output")
 
     @classmethod
     def components(cls, settings=None):

@@ -20,6 +20,7 @@ class StableDiffusion3Parts(FlowMatchingParts):
 
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    attention_spaces = ("cross", "output")
     OPTIONS = {
         "max_sequence_length": ("an integer from 1 to 512 (T5 tokens)", _token_count),
         "text_encoder_3": ("true or false (false: T5 is not loaded)", lambda v: isinstance(v, bool)),
@@ -75,6 +76,13 @@ class StableDiffusion3Parts(FlowMatchingParts):
         offset = int(self.tokenizer.model_max_length)
         t5 = concept_token_indices(self.tokenizer_3, prompt, words, max_length=self.max_sequence_length)
         return clip + [offset + i for i in t5]
+
+    def concept_stream_positions(self, word: str) -> list[int]:
+        """A concept token is the word's T5 state (the CLIP part when T5 is left out, whose part is zeros)."""
+        positions = self.concept_token_indices(word, word)
+        if self.text_encoder_3 is None:
+            return positions
+        return [p for p in positions if p >= int(self.tokenizer.model_max_length)]
 
     def predict(self, latents, timesteps, cond, extra_input=None):
         """The transformer's velocity (B, C, h, w); `timesteps` are sigma x 1000, as the stock pipeline passes."""
