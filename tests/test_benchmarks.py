@@ -104,6 +104,7 @@ def test_passes_curve_core(tmp_path, single_thread):
     rows = record["rows"]
     assert [r["passes"] for r in rows] == [2, 1, 2]
     assert rows[0]["timesteps"] == [21, 1] and rows[2]["draws"] == 2
+    assert "iou_2" in rows[0] and "delta_iou_2" in rows[1] and "delta_iou_2" not in rows[2]
     for row in rows:
         assert 0 <= row["auc"] <= 100 and 0 <= row["iou"] <= 100
     for row in rows[1:]:
@@ -116,11 +117,11 @@ def test_passes_curve_core(tmp_path, single_thread):
 def test_knee_rule():
     import bench_passes
 
-    def row(name, passes, d_auc, d_iou, draws=1, family="strided"):
-        return {"name": name, "passes": passes, "delta_auc": d_auc, "delta_iou": d_iou, "draws": draws,
-                "family": family, "iou": 50 + d_iou}
+    def row(name, passes, d_auc, d_iou, d_auc_2=0.0, d_iou_2=0.0, draws=1, family="strided"):
+        return {"name": name, "passes": passes, "delta_auc": d_auc, "delta_iou": d_iou, "delta_auc_2": d_auc_2,
+                "delta_iou_2": d_iou_2, "draws": draws, "family": family}
 
-    rows = [row("ref", 40, 0, 0, family="reference"), row("noise", 40, 0.1, -0.1, family="reference"),
-            row("a", 20, -0.2, -0.4), row("b", 10, -0.1, -0.6), row("c", 10, 0.0, 0.0, draws=2), row("d", 5, -2, -3)]
-    assert bench_passes.knee(rows)["name"] == "a"
-    assert bench_passes.knee(rows[:2] + rows[3:]) is None
+    rows = [row("ref", 40, 0, 0, family="reference"), row("a", 20, -0.2, -0.4), row("b", 10, -0.1, 0.3, 0.2, -0.6),
+            row("c", 10, 0.0, 0.0, draws=2), row("d", 5, 2.0, 3.0), row("e", 20, 0.1, 0.1)]
+    assert bench_passes.knee(rows)["name"] == "e"  # as few passes as "a", and closer
+    assert bench_passes.knee(rows[:1] + rows[2:5]) is None  # b fails on its second draw; c has two draws per step
