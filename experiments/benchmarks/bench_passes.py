@@ -152,7 +152,7 @@ def plot(record: dict, path: Path) -> None:
     rows = record["rows"]
     markers = {"suffix": ("tab:blue", "o"), "strided": ("tab:green", "s"),
                "draws": ("tab:orange", "^")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, metric, title in ((axes[0], "auc", "attention AUC"), (axes[1], "iou", "M_pre IoU")):
         ax.axhspan(-TOLERANCE, TOLERANCE, color="0.9", label=f"within {TOLERANCE} points")
         ax.axhline(0, color="0.5", lw=0.8)
@@ -162,14 +162,15 @@ def plot(record: dict, path: Path) -> None:
             sel = [r for r in rows[1:] if r["family"] == family]
             if not sel:
                 continue
-            x = [r["passes"] for r in sel]
+            shift = {"suffix": 0.93, "strided": 1.0, "draws": 1.07}[family]  # side by side at equal passes
+            x = [r["passes"] * shift for r in sel]
             y = [r[f"delta_{metric}"] for r in sel]
             lo = [r[f"delta_{metric}"] - r[f"delta_{metric}_interval"][0] for r in sel]
             hi = [r[f"delta_{metric}_interval"][2] - r[f"delta_{metric}"] for r in sel]
             label = {"suffix": "last T0 of T=50", "strided": "strided (same span)",
                      "draws": "several draws per step"}[family]
             ax.errorbar(x, y, yerr=[lo, hi], fmt=marker, color=colour, capsize=3, label=label)
-            second = [(r["passes"], r[f"delta_{metric}_2"]) for r in sel if f"delta_{metric}_2" in r]
+            second = [(r["passes"] * shift, r[f"delta_{metric}_2"]) for r in sel if f"delta_{metric}_2" in r]
             if second:
                 ax.plot(*zip(*second, strict=True), marker, mfc="none", color=colour, alpha=0.7)
         chosen = record.get("knee")
@@ -183,10 +184,11 @@ def plot(record: dict, path: Path) -> None:
         ax.set_ylabel(f"{title}: difference from T=50/T0=40 (points)")
         ax.set_title(f"{title} (T0=40: {rows[0][metric]:.1f}%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=6, frameon=False)
     fig.suptitle(f"Masks stage on the shapes world, {record['images']} test images. Filled: first noise draw, bars "
                  "95% paired bootstrap over images; hollow: second noise draw", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = torch.get_num_threads()
     record = {"date": datetime.date.today().isoformat(),
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-              "device": f"CPU, {threads} threads", "torch": torch.__version__, "python": platform.python_version(),
+              "device": f"CPU, {threads} thread{'s' if threads != 1 else ''}", "torch": torch.__version__, "python": platform.python_version(),
               "concept": " ".join(cfg.concept), "prompt": str(cfg.prompts.foreground), "images": len(ids),
               "bootstrap_samples": args.bootstrap, "tolerance_points": TOLERANCE, "figure": "passes_curve.png",
               "wall_seconds": time.perf_counter() - start, "rows": rows}
