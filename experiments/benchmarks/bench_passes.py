@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, str(REPO))  # this checkout's conceptdistill
+sys.path[:0] = [str(REPO), str(HERE)]  # this checkout's conceptdistill; masks_grid beside this file
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
     from hydra.utils import instantiate
+    from masks_grid import masks_timesteps
 
     from conceptdistill.evaluation import mask_scores, sampled_pixels
     from conceptdistill.metrics import attention_auc
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.perf_counter() - began
         scores, masks = score(masker, maps)
         row = {"name": name, "family": family, "num_steps": num_steps, "start_step": start_step, "draws": draws,
-               "passes": start_step * draws, "timesteps": [int(t) for t in masker.timesteps], **scores,
+               "passes": start_step * draws,
+               "timesteps": [int(t) for t in masks_timesteps(parts.scheduler.config, num_steps, start_step)], **scores,
                "seconds_per_image": seconds / len(ids)}
         terms = per_image_terms(maps, masks, truths)
         if draws == 1:  # the replicate: the same schedule with the next independent draw

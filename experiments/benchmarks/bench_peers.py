@@ -62,7 +62,7 @@ def sd_scheduler():
 
 def prepare(folder: Path, *, resolution: int, max_steps: int, tiny: bool, seed: int = 0) -> dict:
     """Save the UNet weights and one image's inputs (noised latents at the masks stage's timesteps) once."""
-    from conceptdistill.modules.masker import attention_timesteps
+    from masks_grid import masks_timesteps
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -78,7 +78,7 @@ def prepare(folder: Path, *, resolution: int, max_steps: int, tiny: bool, seed: 
             text_len, latent_side = 77, resolution // 8
         unet.save_pretrained(str(folder / "unet"))
         scheduler = sd_scheduler()
-        timesteps = attention_timesteps(scheduler, 50, max_steps)
+        timesteps = masks_timesteps(scheduler.config, 50, max_steps)
         latents = torch.randn(1, unet.config.in_channels, latent_side, latent_side)  # one image's z_0
         noise = torch.randn(len(timesteps), *latents.shape)  # a fresh draw per step, as the masks stage does
         noisy = torch.stack([scheduler.add_noise(latents, n, t.reshape(1)) for n, t in zip(noise, timesteps, strict=True)])
