@@ -55,8 +55,12 @@ world-model: $(STAMP)  ## retrain the shapes world's diffusion model into the pa
 	cp -r runs/world-model/world/pipeline conceptdistill/assets/shapes_world
 	cp runs/world-model/world/samples_grid.png experiments/shapes/world_model_samples.png
 
-bench: $(STAMP)  ## stage throughput benchmarks, recorded in experiments/benchmarks/
+# bench_peers.py runs DAAM in its own environment (.venv-daam, made by setup_daam.sh: DAAM pins an old diffusers).
+bench: $(STAMP)  ## stage throughput, masks-stage peers (DAAM, reference code) and the passes curve, in experiments/benchmarks/
 	$(PY) experiments/benchmarks/bench_stages.py
+	experiments/benchmarks/setup_daam.sh
+	$(PY) experiments/benchmarks/bench_peers.py
+	$(PY) experiments/benchmarks/bench_passes.py
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check conceptdistill tests experiments
