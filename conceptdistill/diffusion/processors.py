@@ -106,7 +106,9 @@ def attention_with_concept_mass(
 class CapturingAttnProcessor:
     """diffusers `AttnProcessor2_0` (a UNet's attention) with the concept mass of each image position handed to the
     store, for cross-attention layers (see `unet_capturing_processors`). Projections are called as modules, so
-    LoRA-wrapped (peft) ``to_q``/``to_k``/``to_v``/``to_out`` layers behave as usual."""
+    LoRA-wrapped (peft) ``to_q``/``to_k``/``to_v``/``to_out`` layers behave as usual. A store with
+    ``needs_probabilities = True`` gets every token's probabilities instead, (batch*heads, queries, keys) through
+    its ``__call__(layer_name, probs, heads)``: the explicit softmax, for stores that keep all maps."""
 
     def __init__(self, store: Any, layer_name: str) -> None:
         self.store = store
@@ -148,7 +150,13 @@ class CapturingAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if encoder_hidden_states is not None and attention_mask is None and self.store.enabled:
+        if encoder_hidden_states is not None and self.store.enabled and getattr(self.store, "needs_probabilities", False):
+            # a store that keeps every token's map (the reference code's way, a benchmark peer): explicit softmax
+            scores = query.float() @ key.float().transpose(-1, -2) * head_dim**-0.5
+            probs = torch.softmax(scores if attention_mask is None else scores + attention_mask.float(), dim=-1)
+            self.store(self.layer_name, probs.flatten(0, 1), attn.heads)
+            hidden_states = (probs @ value.float()).to(query.dtype)
+        elif encoder_hidden_states is not None and attention_mask is None and self.store.enabled:
             index = _key_index(self.store, 0, query.device)
             hidden_states, mass = attention_with_concept_mass(query, key, value, index, slice(None))
             self.store.add_mass(self.layer_name, mass)

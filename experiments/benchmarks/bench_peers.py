@@ -69,7 +69,7 @@ def prepare(folder: Path, *, resolution: int, max_steps: int, tiny: bool, seed: 
         if tiny:
             from conceptdistill.diffusion.tiny import build_tiny_parts
 
-            unet = build_tiny_parts(model_max_length=16).unet
+            unet = build_tiny_parts(model_max_length=16).denoiser
             text_len, latent_side = 16, resolution // 2
         else:
             from bench_stages import sd_shaped_unet

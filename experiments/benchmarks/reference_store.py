@@ -17,6 +17,8 @@ from conceptdistill.diffusion.attention import AttentionStore
 class ReferenceStore(AttentionStore):
     """Keeps every (kept batch, key_len, h_l, w_l) head-averaged map; `mean()` reduces them all at the end."""
 
+    needs_probabilities = True  # the capturing processor hands over every token's probabilities
+
     def reset(self) -> None:
         super().reset()
         self.maps: list[tuple[str, torch.Tensor]] = []
