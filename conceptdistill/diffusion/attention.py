@@ -69,6 +69,9 @@ class AttentionStore:
         self.keep = keep
         self.per_layer = per_layer
         self.enabled = True
+        #: timesteps batched into one denoiser call (set by the caller per call): the batch holds that many
+        #: copies of the images, step-major, and each layer's maps count once per step
+        self.steps_per_call = 1
         self._grid_cache: dict[int, tuple[int, int]] = {}
         self.reset()
 
@@ -151,7 +154,11 @@ class AttentionStore:
             self.accumulate(layer_name, self.reduce_mass(mass))
 
     def accumulate(self, layer_name: str, maps: torch.Tensor) -> None:
-        """Add one layer's (b, h, w) maps to the running sums. Override to also keep individual maps."""
+        """Add one layer's (b, h, w) maps to the running sums (b = steps_per_call x images, step-major: summed over
+        the steps, counted once per step). Override to also keep individual maps."""
+        steps = int(self.steps_per_call)
+        if steps > 1:
+            maps = maps.reshape(steps, maps.shape[0] // steps, *maps.shape[1:]).sum(dim=0)
         if self._sum is None:
             self._sum = torch.zeros_like(maps)
         elif self._sum.shape != maps.shape:
@@ -160,13 +167,13 @@ class AttentionStore:
                 f"{tuple(self._sum.shape)}: call reset() before a new batch (or check `keep`)"
             )
         self._sum += maps
-        self.count += 1
+        self.count += steps
         if self.per_layer:
             if layer_name in self._layer_sums:
                 self._layer_sums[layer_name] += maps
             else:
                 self._layer_sums[layer_name] = maps.clone()
-            self._layer_counts[layer_name] = self._layer_counts.get(layer_name, 0) + 1
+            self._layer_counts[layer_name] = self._layer_counts.get(layer_name, 0) + steps
 
     def mean(self) -> torch.Tensor:
         """Mean over all captured layers and steps: (batch, h, w)."""

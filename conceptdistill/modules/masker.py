@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from conceptdistill.diffusion.attention import AttentionStore, capture_attention
 from conceptdistill.diffusion.concept_attention import ConceptAttentionStore, concept_set
-from conceptdistill.diffusion.parts import register_parts
+from conceptdistill.diffusion.parts import concat_conditioning, register_parts
 from conceptdistill.maskmath import binarize_map, close_and_fill_holes
 from conceptdistill.utils.seeding import sample_generators
 
@@ -46,9 +46,13 @@ class AttentionMaskGenerator(pl.LightningModule):
         self, parts: DiffusionParts, *, prompt: str, concept: list[str], num_steps: int = 50, start_step: int = 40,
         layers: list[str] | None = None, filter_size: int = 3, polarity: str = "high", fill_holes: bool = False,
         closing_size: int = 3, seed: int = 0, attention_space: str = "cross", background_prompt: str | None = None,
-        background_concepts: list[str] | None = None,
+        background_concepts: list[str] | None = None, timesteps_per_call: int = 1,
     ) -> None:
         super().__init__()
+        if int(timesteps_per_call) < 1:
+            raise ValueError(f"masks.module.timesteps_per_call={timesteps_per_call}: must be at least 1")
+        # several timesteps in one denoiser call: a bigger batch keeps a GPU busier; the maps stay the same
+        self.timesteps_per_call = int(timesteps_per_call)
         self.parts = parts
         register_parts(self, parts)
         self.prompt = prompt
@@ -89,13 +93,20 @@ class AttentionMaskGenerator(pl.LightningModule):
         if self.parts.denoiser_in_channels > latents.shape[1]:  # a 9-channel UNet: "repaint everything"
             extra = torch.cat([torch.ones_like(latents[:, :1]), torch.zeros_like(latents)], dim=1)
         timesteps = self.parts.attention_timesteps(self.num_steps, self.start_step, tuple(latents.shape[1:]))
+        steps = max(1, int(self.timesteps_per_call))
         with capture_attention(self.parts, store):
-            for t in timesteps:
-                # a fresh noise draw per step and sample; the denoiser's prediction itself is not needed
-                noise = randn_tensor(tuple(latents.shape), generator=generators, device=self.device, dtype=latents.dtype)
-                timestep = t.to(self.device).expand(len(ids))
-                noisy = self.parts.add_noise(latents, noise, timestep)  # the model's own forward process
-                self.parts.predict(noisy, timestep, cond, extra)
+            for first in range(0, len(timesteps), steps):
+                chunk = timesteps[first : first + steps]
+                # a fresh noise draw per step and sample, in step order whatever the chunking (so the maps do not
+                # depend on `timesteps_per_call`); the denoiser's prediction itself is not needed
+                noisy, timestep = [], []
+                for t in chunk:
+                    noise = randn_tensor(tuple(latents.shape), generator=generators, device=self.device, dtype=latents.dtype)
+                    timestep.append(t.to(self.device).expand(len(ids)))
+                    noisy.append(self.parts.add_noise(latents, noise, timestep[-1]))  # the model's forward process
+                store.steps_per_call = len(chunk)  # the batch is step-major: len(chunk) copies of the images
+                self.parts.predict(torch.cat(noisy), torch.cat(timestep), concat_conditioning(*[cond] * len(chunk)),
+                                   None if extra is None else torch.cat([extra] * len(chunk)))
         return store.mean().float(), store
 
     def binarize(self, attention: np.ndarray) -> np.ndarray:

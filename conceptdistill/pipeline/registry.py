@@ -35,7 +35,7 @@ INFRASTRUCTURE_KEYS = ("run_dir", "experiment", "trainer", "logger", "paths", "s
 PRESENTATION_KEYS = frozenset({
     "diffusion.name", "diffusion.family", "diffusion.path", "diffusion.batch_size",
     "data.num_workers", "data.scan_workers",
-    "masks.batch_size", "masks.figure_samples",
+    "masks.batch_size", "masks.figure_samples", "masks.module.timesteps_per_call",
     "inpaint.batch_size", "inpaint.figure_samples",
     "synthesize.batch_size", "synthesize.figure_samples",
     "segment.figure_samples", "segment.checkpoint_every",

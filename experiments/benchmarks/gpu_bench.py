@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from conceptdistill.diffusion.attention import AttentionStore, capture_attention
-from conceptdistill.diffusion.parts import FAMILIES
+from conceptdistill.diffusion.parts import FAMILIES, concat_conditioning
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent.parent / "conceptdistill" / "diffusion" / "model_configs"
@@ -143,12 +143,18 @@ def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
     row = {"family": family, "image_side": side, "batch": batch,
            "parameters_M": round(sum(p.numel() for p in parts.denoiser.parameters()) / 1e6, 1)}
 
-    def passes(capture: bool):
+    def passes(capture: bool, per_call: int = 1):
+        """args.steps denoiser passes per image, `per_call` timesteps batched into each call."""
         store = AttentionStore([5], tuple(latent_shape[-2:]))
+        batched = concat_conditioning(*[cond] * per_call)
         with torch.no_grad(), (capture_attention(parts, store) if capture else contextlib.nullcontext()):
-            for t in timesteps[: args.steps]:
-                step = t.expand(batch)
-                parts.predict(parts.add_noise(latents, torch.randn_like(latents), step), step, cond)
+            for first in range(0, args.steps, per_call):
+                chunk = timesteps[first : min(first + per_call, args.steps)]
+                step = torch.cat([t.expand(batch) for t in chunk])
+                repeated = latents.repeat(len(chunk), 1, 1, 1)
+                noisy = parts.add_noise(repeated, torch.randn_like(repeated), step)
+                store.steps_per_call = len(chunk)
+                parts.predict(noisy, step, batched if len(chunk) == per_call else concat_conditioning(*[cond] * len(chunk)))
         return store
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -167,6 +173,8 @@ def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
         if peak:
             row["capture_fraction_of_peak"] = round(row["capture_tflops"] / peak, 3)
+    if args.variants and family in ("sd15", "sdxl"):
+        row.update(bench_variants(parts, passes, batch, flops_per_pass, args, sync, cuda, compile_too=family == "sd15" and args.compile and not args.dry))
     if lora_batch:
         row["finetune_batch"] = lora_batch
         for variant in ("lora", "lora_gc"):  # the same LoRA model, then with gradient checkpointing
@@ -175,6 +183,39 @@ def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
         row.update(bench_finetune(build_parts(family, device, dtype, dry=args.dry), lora_batch, latent_shape, args,
                                   sync, cuda, "full"))
     return row
+
+
+def bench_variants(parts, passes, batch: int, flops_per_pass: float, args, sync, cuda: bool, compile_too: bool) -> dict:
+    """Masks-stage throughput (capture on) with the GPU options, each alone and together: 4 timesteps per
+    denoiser call (masks.module.timesteps_per_call=4), channels_last memory format, torch.compile."""
+    result = {}
+
+    def measure(name: str, per_call: int = 1) -> None:
+        seconds = timed(lambda: passes(True, per_call), args.repeats, sync) / args.steps
+        result[f"{name}_images_per_s"] = round(batch / seconds / 40, 3)
+        result[f"{name}_tflops"] = round(flops_per_pass / seconds / 1e12, 1)
+
+    measure("steps4", per_call=4)
+    parts.denoiser.to(memory_format=torch.channels_last)
+    measure("channels_last")
+    parts.denoiser.to(memory_format=torch.contiguous_format)
+    if compile_too:
+        eager = parts.denoiser
+        parts.denoiser = torch.compile(eager)
+        try:
+            start = time.perf_counter()
+            passes(True, 4)
+            sync()
+            result["compile_seconds"] = round(time.perf_counter() - start, 1)
+            measure("compile")
+            parts.denoiser = torch.compile(eager.to(memory_format=torch.channels_last))
+            passes(True, 4)
+            measure("all", per_call=4)
+        except Exception as err:  # recorded in the table, not hidden: which option failed and why
+            result["compile_error"] = f"{type(err).__name__}: {err}"[:160]
+        finally:
+            parts.denoiser = eager.to(memory_format=torch.contiguous_format)
+    return result
 
 
 def bench_finetune(parts, batch: int, latent_shape, args, sync, cuda: bool, variant: str) -> dict:
@@ -221,7 +262,8 @@ def bench_finetune(parts, batch: int, latent_shape, args, sync, cuda: bool, vari
 def markdown(record: dict) -> str:
     keys = ["family", "image_side", "parameters_M", "batch", "plain_passes_per_s", "capture_passes_per_s",
             "capture_overhead", "masks_images_per_s", "gflop_per_pass", "capture_tflops", "capture_fraction_of_peak",
-            "masks_peak_GiB", "finetune_batch", "lora_steps_per_s", "lora_peak_GiB", "lora_gc_steps_per_s",
+            "masks_peak_GiB", "steps4_images_per_s", "channels_last_images_per_s", "compile_images_per_s",
+            "all_images_per_s", "all_tflops", "compile_seconds", "finetune_batch", "lora_steps_per_s", "lora_peak_GiB", "lora_gc_steps_per_s",
             "lora_gc_peak_GiB", "full_steps_per_s", "full_peak_GiB"]
     lines = [f"# GPU benchmark ({record['device']})", "", f"`{record['command']}` on {record['date']}; "
              f"{record['steps']} denoiser passes per timing, median of {record['repeats']}; bf16 weights, random "
@@ -240,6 +282,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="denoiser passes per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry", action="store_true", help="tiny models on the CPU (seconds): checks the script")
+    parser.add_argument("--no-variants", dest="variants", action="store_false",
+                        help="skip the GPU options (timesteps per call, channels_last)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile (SD 1.5 only; compiling the capturing UNet did not finish "
+                             "within 4.5 minutes on an H200, so it is off by default)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (a .md is written beside it)")
     args = parser.parse_args(argv)
     if args.dry:

@@ -223,3 +223,22 @@ def test_killed_masks_run_resumes_without_redoing_finished_images(tiny_model, tm
     assert summaries["masks"]["train"] == {"images": SPLITS["train"], "skipped_in_stage": 0}
     assert summaries["masks"]["test"] == {"images": SPLITS["test"], "skipped_in_stage": 0}
     assert (run_dir / "masks" / "masks_grid.png").exists()
+
+
+def test_several_timesteps_per_call_give_the_same_maps():
+    """Batching timesteps into one UNet call (a GPU throughput setting) draws the same noise per step and sample
+    and averages the same maps: A equal up to float rounding, whatever the chunking (7 steps in chunks of 3)."""
+    import torch
+
+    from conceptdistill.diffusion.tiny import build_tiny_parts
+    from conceptdistill.modules.masker import AttentionMaskGenerator
+
+    parts = build_tiny_parts()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps = {}
+    for per_call in (1, 3):
+        masker = AttentionMaskGenerator(parts, prompt="a photo of a bird", concept=["bird"], num_steps=10,
+                                        start_step=7, timesteps_per_call=per_call)
+        maps[per_call], store = masker.attention_maps(images, ["a", "b"], per_layer=True)
+        assert store.count == 7 * 4  # steps x cross-attention layers, whatever the chunking
+    torch.testing.assert_close(maps[3], maps[1], rtol=1e-5, atol=1e-6)
