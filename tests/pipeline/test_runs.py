@@ -32,7 +32,7 @@ DOWNSTREAM = {"masks": WORK, "finetune": WORK[1:], "inpaint": WORK[2:], "synthes
 NO_EFFECT = {"masks.batch_size", "masks.figure_samples", "inpaint.batch_size", "inpaint.figure_samples",
              "synthesize.batch_size", "synthesize.figure_samples", "segment.figure_samples",
              "segment.checkpoint_every", "finetune.sample_every", "finetune.sample_count", "finetune.sample_steps",
-             "finetune.checkpoint_every"}
+             "finetune.checkpoint_every", "masks.module.timesteps_per_call"}
 
 
 @pytest.fixture(autouse=True)
