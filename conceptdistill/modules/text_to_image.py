@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from conceptdistill.diffusion.adapters import NonFiniteLossError, add_adapter, save_finetuned
 from conceptdistill.diffusion.parts import register_parts
-from conceptdistill.utils.seeding import sample_generators, sample_seed
+from conceptdistill.utils.seeding import per_sample_normal, per_sample_randint, sample_generators, sample_seed
 
 if TYPE_CHECKING:
     from conceptdistill.diffusion.parts import DiffusionParts
@@ -120,11 +119,8 @@ class TextToImageTrainer(pl.LightningModule):
             latents = self.parts.encode_images(batch["image"])
         captions, loss_mask = self.plan_batch(batch, tuple(latents.shape[-2:]))
         generators = sample_generators(self.hparams.seed, [f"{i}@{self.global_step}" for i in ids], "finetune-noise")
-        noise = randn_tensor(tuple(latents.shape), generator=generators, device=self.device, dtype=latents.dtype)
-        steps = self.parts.scheduler.config.num_train_timesteps
-        timesteps = torch.tensor(
-            [int(torch.randint(0, steps, (1,), generator=g)) for g in generators], device=self.device
-        )
+        noise = per_sample_normal(generators, tuple(latents.shape[1:]), dtype=latents.dtype).to(self.device)
+        timesteps = per_sample_randint(generators, self.parts.scheduler.config.num_train_timesteps).to(self.device)
         noisy = self.parts.add_noise(latents, noise, timesteps)  # the VP forward process, any scheduler class
         text = self.parts.encode_prompts(captions, grad=self.hparams.train_text_encoder)
         if self.parts.unet_in_channels > latents.shape[1]:

@@ -27,3 +27,26 @@ def sample_generator(seed: int, sample_id: str | int, salt: str = "", device: st
 def sample_generators(seed: int, sample_ids: list[str], salt: str = "") -> list[torch.Generator]:
     """One CPU generator per sample; keep them across steps to draw that sample's successive noises."""
     return [sample_generator(seed, sid, salt) for sid in sample_ids]
+
+
+def per_sample_normal(generators: list[torch.Generator], shape: tuple[int, ...], *,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, *shape) standard normal noise on the CPU, row i drawn from `generators[i]`.
+
+    Bit for bit what ``torch.randn((1, *shape), generator=g)`` per sample, concatenated, gives (and so what
+    diffusers' `randn_tensor` gives with a list of generators), and each generator advances the same way; the
+    rows are filled in place, without B temporary tensors and their concatenation.
+    """
+    noise = torch.empty((len(generators), *shape), dtype=dtype)
+    for row, generator in zip(noise, generators, strict=True):
+        row.normal_(generator=generator)
+    return noise
+
+
+def per_sample_randint(generators: list[torch.Generator], high: int) -> torch.Tensor:
+    """(B,) int64 on the CPU, entry i uniform in [0, high) from `generators[i]`: bit for bit
+    ``torch.randint(0, high, (1,), generator=g)`` per sample, each generator advancing the same way."""
+    values = torch.empty(len(generators), dtype=torch.int64)
+    for i, generator in enumerate(generators):
+        values[i : i + 1].random_(0, int(high), generator=generator)
+    return values
