@@ -71,9 +71,9 @@ class TextToImageTrainer(pl.LightningModule):
         add_adapter(self.unet, adapter, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), seed=seed)
         self.ema = None
         if ema_decay:
-            from diffusers.training_utils import EMAModel
+            from conceptdistill.modules.ema import ForeachEMA
 
-            self.ema = EMAModel(self.unet.parameters(), decay=ema_decay)
+            self.ema = ForeachEMA(self.unet.parameters(), decay=ema_decay)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.unet] + ([self.text_encoder] if self.hparams.train_text_encoder else [])
