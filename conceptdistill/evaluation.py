@@ -228,6 +228,9 @@ def evaluate_inpaint_stage(ctx) -> dict:
     truths = [truth[sid]["mask"] for sid in ids]
     masks = [refined.load("mask", sid) for sid in ids]
     summary = {"split": split, "images": len(ids), "rows": {"refined_masks": mask_scores(masks, truths, truth_boxes(truth, ids))}}
+    removal = object_removal(datamodule, truth, ids, refined, prelim, split)
+    if removal is not None:
+        summary["scalars"] = {"object_removal_rate": removal}
     shown = [i for i, sid in enumerate(ids) if "image" in truth[sid]][:count]  # positions in ids
     figure = save_grid(
         ctx.stage_dir("inpaint") / "inpaint_grid.png",
@@ -241,3 +244,24 @@ def evaluate_inpaint_stage(ctx) -> dict:
     )
     log_results(ctx, "inpaint", summary, {"inpaint_grid": figure})
     return summary
+
+
+def object_removal(datamodule, truth: dict[str, dict], ids: list[str], refined, prelim, split: str) -> dict | None:
+    """How often the inpainting removed the object (docs/METHOD.md, stage 3): the fraction of backgrounds B of
+    the split that hold no object where the object was or where they were repainted (the truth mask united
+    with up(M_pre)), judged by the shapes world's own rules (world/judge.py). A repainted shape, a leftover
+    part of the object that M_pre missed, and an image whose M_pre is empty (nothing repainted) all count as
+    not removed; other objects elsewhere in the image (distractors) are not judged. None for data whose truth
+    cannot judge what an image shows (anything but the shapes world). "skipped": images of the split without
+    a background (skipped in the stage, or without M_pre)."""
+    from conceptdistill.world.datamodule import ShapesWorldDataModule
+    from conceptdistill.world.judge import removal_rate
+
+    if not isinstance(datamodule, ShapesWorldDataModule):
+        return None
+    regions = []
+    for sid in ids:
+        mask = truth[sid]["mask"]
+        regions.append(mask | upsample_mask(prelim.load("mask", sid), mask.shape))
+    backgrounds = (refined.load("background", sid) for sid in ids)
+    return {**removal_rate(list(backgrounds), regions, datamodule.world, skipped=len(truth) - len(ids)), "split": split}

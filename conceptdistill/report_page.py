@@ -53,6 +53,15 @@ def percent(row: dict, key: str) -> str:
     return f"{100 * row[key]:.1f}" if row.get(key) is not None else "-"
 
 
+def scalar_text(value) -> str:
+    """A declared scalar result as text: a number as "0.750"; a record {"value": ..., counts} as the value and
+    the rest of the record, e.g. "0.750 (removed 96, judged 128, skipped 0, split test)"."""
+    if not isinstance(value, dict):
+        return f"{value:.3f}"
+    rest = ", ".join(f"{key} {item}" for key, item in value.items() if key != "value")
+    return f"{value['value']:.3f}" + (f" ({rest})" if rest else "")
+
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -74,8 +83,9 @@ def data_uri(path: Path) -> str:
     return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
-def results_section(results: dict, labels: dict[str, str]) -> str:
-    """The ladder (rows and labels as results.md), the box protocols' definitions and the scalar results."""
+def results_section(results: dict, labels: dict[str, str], scalar_labels: dict[str, str] | None = None) -> str:
+    """The ladder (rows and labels as results.md), the box protocols' definitions and the scalar results (the
+    fixed `SCALARS`, then those the stages declare, `scalar_labels`: results.json key -> label)."""
     rows = results["rows"]
     if not rows:
         return "<h2>Results</h2><p>No stage has produced a scored row yet (or the data set has no ground truth).</p>"
@@ -87,10 +97,12 @@ def results_section(results: dict, labels: dict[str, str]) -> str:
     if any(key == "iou_box" for key, _ in columns):
         parts.append("<ul>" + "".join(f"<li>{_e(label)} (<code>{key}</code>): {_e(definition)}.</li>"
                                       for key, label, definition in BOX_COLUMNS) + "</ul>")
-    scalars = [(key, results[key]) for key in SCALARS if isinstance(results.get(key), (int, float))]
-    if scalars:
-        parts.append("<ul>" + "".join(f"<li>{_e(key.replace('_', ' '))}: {value:.3f}</li>" for key, value in scalars)
-                     + "</ul>")
+    items = [f"<li>{_e(key.replace('_', ' '))}: {results[key]:.3f}</li>" for key in SCALARS
+             if isinstance(results.get(key), (int, float))]
+    items += [f'<li id="{_e(key)}">{_e(label)} (<code>{_e(key)}</code>): {_e(scalar_text(results[key]))}</li>'
+              for key, label in (scalar_labels or {}).items() if key in results]
+    if items:
+        parts.append("<ul>" + "".join(items) + "</ul>")
     return "".join(parts)
 
 
@@ -125,7 +137,8 @@ def weights_section(links: dict[str, str]) -> str:
     return f"<h2>Weights</h2><ul id=\"weights\">{items}</ul>"
 
 
-def report_page(results: dict, labels: dict[str, str], *, folder: Path, settings: str, weights: dict[str, str]) -> str:
+def report_page(results: dict, labels: dict[str, str], *, folder: Path, settings: str, weights: dict[str, str],
+                scalar_labels: dict[str, str] | None = None) -> str:
     """The whole page as a string.
 
     Args:
@@ -134,6 +147,7 @@ def report_page(results: dict, labels: dict[str, str], *, folder: Path, settings
         folder: the report folder, which holds the figures named in `results["figures"]`.
         settings: the composed config as YAML text, shown collapsed.
         weights: name -> path of a weights file or folder, relative to `folder`.
+        scalar_labels: results.json key -> label of the scalar results the stages declare (shown when present).
     Raises:
         FileNotFoundError: a figure named in `results["figures"]` is missing from `folder`.
     """
@@ -142,7 +156,7 @@ def report_page(results: dict, labels: dict[str, str], *, folder: Path, settings
                             ["commit", _e(results.get("git_commit") or "unknown")]], numeric_from=2, css_id="run")
     body = "".join([
         f"<h1>{_e(title)}</h1>", run,
-        results_section(results, labels),
+        results_section(results, labels, scalar_labels),
         figures_section(folder, results.get("figures", [])),
         data_section(results.get("data")),
         timings_section(results["seconds"]),

@@ -126,6 +126,9 @@ def test_shapes_world_all_stages_results_file_and_resume(tmp_path, all_words_mod
     assert all(value >= 0 for value in seconds.values())
     assert seconds["total"] == pytest.approx(sum(seconds[s] for s in WORK_STAGES), abs=0.02)
     assert results["synthetic"]["samples"] == 4 and results["finetune"]["steps"] == 2
+    # the world's truth judges what each background B shows (tests/stages/test_inpaint_stage.py checks the verdicts)
+    removal = results["object_removal_rate"]
+    assert removal["judged"] == 4 and removal["skipped"] == 0 and removal["value"] == removal["removed"] / 4
 
     markdown = (run_dir / "report" / "results.md").read_text()
     assert "| method | acc | IoU | mIoU |" in markdown
@@ -195,6 +198,9 @@ def test_paper_experiment_runs_end_to_end_on_a_tiny_tree(tmp_path, all_words_mod
     assert summaries["masks"]["images"] == len(truths)
     assert set(results["seconds"]) == {*WORK_STAGES, "total"}
     assert results["data"]["test"]["kept"] == len(truths) and results["data"]["train"]["kept"] >= 1
+    # no judge of what an image shows outside the shapes world: the field is absent, not 0
+    assert "object_removal_rate" not in results and "object_removal_rate" not in summaries["inpaint"].get("scalars", {})
+    assert "object removal" not in (run_dir / "report" / "results.md").read_text()
     if truth == "box":
         check_box_protocols(run_dir, datamodule, results)
     else:

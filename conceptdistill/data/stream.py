@@ -45,9 +45,22 @@ class StepStream(IterableDataset):
 
     def sample(self, draw: int) -> dict:
         """Draw `draw`, loaded with torch's random state seeded by (seed, draw) for its augmentations."""
+        return self.samples(range(draw, draw + 1))[0]
+
+    def samples(self, draws: range) -> list[dict]:
+        """Draws `draws`, each loaded with torch's CPU random state seeded by (seed, draw); the state of the
+        caller is restored afterwards.
+
+        Only the CPU generator is seeded (augmentations run on the CPU): `torch.manual_seed` would seed every
+        accelerator too, and in a DataLoader worker, where CUDA is never initialised, each such call queues a
+        deferred CUDA seeding with a formatted stack trace, which cost about half a millisecond per sample
+        and grew without bound over a run. One fork of the state serves the whole batch."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, draw, f"{self.salt}-augment"))
-            return self.dataset[self.index_of(draw)]
+            out = []
+            for draw in draws:
+                torch.default_generator.manual_seed(sample_seed(self.seed, draw, f"{self.salt}-augment"))
+                out.append(self.dataset[self.index_of(draw)])
+            return out
 
     def __iter__(self):
         info = get_worker_info()
@@ -56,8 +69,7 @@ class StepStream(IterableDataset):
         per_step = self.batch_size * self.world_size
         while True:
             first = step * per_step + self.rank * self.batch_size
-            for draw in range(first, first + self.batch_size):
-                yield self.sample(draw)
+            yield from self.samples(range(first, first + self.batch_size))
             step += workers
 
 

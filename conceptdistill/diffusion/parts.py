@@ -298,8 +298,9 @@ class DiffusionParts:
     def training_timesteps(self, generators: list[torch.Generator]) -> torch.Tensor:
         """One training time per sample, uniform over the model's training grid, from the sample's generator:
         (B,) int64 in [0, num_train_timesteps) on the denoiser's device."""
-        steps = self.num_train_timesteps
-        return torch.tensor([int(torch.randint(0, steps, (1,), generator=g)) for g in generators], device=self.device)
+        from conceptdistill.utils.seeding import per_sample_randint
+
+        return per_sample_randint(generators, self.num_train_timesteps).to(self.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t of the forward process for clean latents (B, C, h, w), standard normal noise of the same shape

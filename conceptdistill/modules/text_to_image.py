@@ -76,9 +76,9 @@ class TextToImageTrainer(pl.LightningModule):
             self.denoiser.enable_gradient_checkpointing()
         self.ema = None
         if ema_decay:
-            from diffusers.training_utils import EMAModel
+            from conceptdistill.modules.ema import ForeachEMA
 
-            self.ema = EMAModel(self.denoiser.parameters(), decay=ema_decay)
+            self.ema = ForeachEMA(self.denoiser.parameters(), decay=ema_decay)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.denoiser] + ([self.text_encoders] if self.hparams.train_text_encoder else [])

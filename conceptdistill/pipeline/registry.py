@@ -12,8 +12,11 @@ A declaration names what the stage's results depend on, and the runner derives e
 - ``uses_model``: the stage reads the diffusion model's weights; the fingerprint covers their content;
 - ``always_run`` (cheap summaries such as `report`) and ``reads_data`` (the data set is checked before any
   stage runs);
-- ``rows`` (results-table rows the stage's summary holds under "rows", with their labels) and ``figures``
-  (report figure name -> a glob under the stage's folder): the report collects both from every stage.
+- ``rows`` (results-table rows the stage's summary holds under "rows", with their labels), ``scalars`` (results
+  beside the table the summary holds under "scalars": a number, or a record {"value": number, counts...}, with
+  their labels; a stage that cannot measure one leaves it out, and the report then shows nothing for it, not
+  0) and ``figures`` (report figure name -> a glob under the stage's folder): the report collects all three
+  from every stage.
 
 The run order of the pipeline (`pipeline_order`) follows from the inputs; adding a stage is one module in
 `conceptdistill/stages/` that declares itself, plus its config group.
@@ -66,6 +69,7 @@ class StageSpec:
     always_run: bool = False
     reads_data: bool = True
     rows: tuple[tuple[str, str], ...] = ()
+    scalars: tuple[tuple[str, str], ...] = ()
     figures: tuple[tuple[str, str], ...] = ()
 
     def settings_for(self, cfg) -> tuple[str, ...]:
@@ -84,7 +88,8 @@ _REGISTRY: dict[str, StageSpec] = {}
 
 def register_stage(
     name: str, *, settings, inputs=(), uses_model: bool = False, always_run: bool = False,
-    reads_data: bool = True, rows: dict[str, str] | None = None, figures: dict[str, str] | None = None,
+    reads_data: bool = True, rows: dict[str, str] | None = None, scalars: dict[str, str] | None = None,
+    figures: dict[str, str] | None = None,
 ):
     """Decorator for a stage's run function ``run(ctx) -> dict`` (see the module docstring for the arguments).
 
@@ -97,7 +102,8 @@ def register_stage(
             name=name, module=function.__module__, function=function.__name__,
             settings=settings if callable(settings) else tuple(settings),
             inputs=inputs, uses_model=uses_model, always_run=always_run, reads_data=reads_data,
-            rows=tuple((rows or {}).items()), figures=tuple((figures or {}).items()),
+            rows=tuple((rows or {}).items()), scalars=tuple((scalars or {}).items()),
+            figures=tuple((figures or {}).items()),
         )
         known = _REGISTRY.get(name)
         if known is not None and (known.module, known.function) != (spec.module, spec.function):

@@ -1,7 +1,8 @@
 """Stage "inpaint": remove the object, then refine the mask (docs/METHOD.md, stage 3), with trainer.predict.
 
 Runs the inpainter (modules/inpainter.py, config `inpaint.module`) with the fine-tuned model over every image
-that has an M_pre, writes its background B and refined mask M (pipeline/layout.py), and scores M.
+that has an M_pre, writes its background B and refined mask M (pipeline/layout.py), and scores M; on the shapes
+world it also judges how often B holds no object (`object_removal_rate`, evaluation.object_removal).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
     "inpaint", inputs=("finetune", "masks"), uses_model=True,
     settings=("seed", "prompts", "diffusion", "data", "splits", "inpaint", *PREDICTION_HARDWARE),
     rows={"refined_masks": "refined masks M"},
+    scalars={"object_removal_rate": "object removal rate (backgrounds B that hold no object)"},
     figures={"inpaint_grid.png": "inpaint_grid.png"},
 )
 def run_inpaint(ctx: RunContext) -> dict:

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conceptdistill.pipeline.context import RunContext, command_line
 from conceptdistill.pipeline.registry import pipeline_order, register_stage, stage_spec
-from conceptdistill.report_page import BOX_COLUMNS, percent, report_page, table_columns
+from conceptdistill.report_page import BOX_COLUMNS, percent, report_page, scalar_text, table_columns
 from conceptdistill.utils.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ def git_commit() -> str | None:
 def table_rows(cfg) -> list[tuple[str, str]]:
     """(key in results.json, label in results.md) of every stage's rows, in the pipeline's order."""
     return [row for stage in pipeline_order(cfg) for row in stage_spec(stage).rows]
+
+
+def declared_scalars(cfg) -> list[tuple[str, str]]:
+    """(key in results.json, label) of every stage's declared scalar results, in the pipeline's order."""
+    return [scalar for stage in pipeline_order(cfg) for scalar in stage_spec(stage).scalars]
 
 
 def collect_results(ctx: RunContext, current: set[str]) -> dict:
@@ -67,6 +72,9 @@ def collect_results(ctx: RunContext, current: set[str]) -> dict:
     for key in ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "background_fidelity"):
         if key in fidelity:
             results[key] = fidelity[key]
+    for stage in stages:  # a scalar the stage did not measure (e.g. no truth to judge by) stays absent
+        measured = summaries[stage].get("scalars", {})
+        results.update({key: measured[key] for key, _ in stage_spec(stage).scalars if key in measured})
     if summaries["masks"].get("data"):
         results["data"] = summaries["masks"]["data"]
     if summaries["finetune"]:
@@ -104,7 +112,7 @@ def _packaged_world_training(ctx: RunContext) -> dict:
     return {}
 
 
-def markdown(results: dict, labels: dict[str, str]) -> str:
+def markdown(results: dict, labels: dict[str, str], scalar_labels: dict[str, str] | None = None) -> str:
     columns = table_columns(results["rows"])
     lines = [f"# {results['experiment']}: concept {', '.join(results['concept'])}", "",
              f"Made on {results['date']} (commit {results['git_commit']}) by:", "", f"    {results['command']}", "",
@@ -118,6 +126,9 @@ def markdown(results: dict, labels: dict[str, str]) -> str:
     for key in ("attention_auc", "prompt_fidelity", "background_fidelity"):
         if results.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {results[key]:.3f}")
+    for key, label in (scalar_labels or {}).items():
+        if key in results:
+            lines.append(f"- {label} (`{key}`): {scalar_text(results[key])}")
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()), ""]
     for name in results.get("figures", []):
         lines.append(f"![{name}]({name})")
@@ -140,10 +151,11 @@ def run_report(ctx: RunContext) -> dict:
                 figures.append(name)
     results["figures"] = figures
     write_json(folder / "results.json", results)
-    text = markdown(results, dict(table_rows(ctx.full_cfg)))
+    scalar_labels = dict(declared_scalars(ctx.full_cfg))
+    text = markdown(results, dict(table_rows(ctx.full_cfg)), scalar_labels)
     (folder / "results.md").write_text(text)
     page = report_page(results, dict(table_rows(ctx.full_cfg)), folder=folder, settings=settings_text(ctx.full_cfg),
-                       weights=weight_links(ctx, folder, current))
+                       weights=weight_links(ctx, folder, current), scalar_labels=scalar_labels)
     (folder / "index.html").write_text(page, encoding="utf-8")
     print(text)
     return {"results": str(folder / "results.json"), "rows": list(results["rows"]), "page": str(folder / "index.html")}

@@ -27,3 +27,12 @@ def sample_generator(seed: int, sample_id: str | int, salt: str = "", device: st
 def sample_generators(seed: int, sample_ids: list[str], salt: str = "") -> list[torch.Generator]:
     """One CPU generator per sample; keep them across steps to draw that sample's successive noises."""
     return [sample_generator(seed, sid, salt) for sid in sample_ids]
+
+
+def per_sample_randint(generators: list[torch.Generator], high: int) -> torch.Tensor:
+    """(B,) int64 on the CPU, entry i uniform in [0, high) from `generators[i]`: bit for bit
+    ``torch.randint(0, high, (1,), generator=g)`` per sample, each generator advancing the same way."""
+    values = torch.empty(len(generators), dtype=torch.int64)
+    for i, generator in enumerate(generators):
+        values[i : i + 1].random_(0, int(high), generator=generator)
+    return values

@@ -167,15 +167,23 @@ def test_inpainting_keeps_the_known_region() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path, tiny_model) -> None:
-    from conceptdistill.pipeline.layout import INPAINT_OUTPUTS
-    from conceptdistill.runner import run
-    from conceptdistill.utils.io import load_mask_png
+@pytest.fixture(scope="module")
+def inpainted_run(tmp_path_factory):
+    """A tiny shapes-world run through masks, finetune, inpaint and report (once for this module), with a tiny
+    model whose latent is the world model's lossless space-to-depth: outside M_pre a background B is the image
+    itself, so an object that M_pre misses stays in B, as with the world's own model."""
+    from conftest import one_torch_thread
 
+    from conceptdistill.diffusion.loading import save_diffusion_parts
+    from conceptdistill.runner import run
+
+    folder = tmp_path_factory.mktemp("inpaint")
+    model = save_diffusion_parts(build_tiny_parts(latent="space_to_depth"), folder / "pipeline")
+    run_dir = folder / "run"
     cfg = compose(
         [
-            "stages=[masks,finetune,inpaint]",
-            f"diffusion.path={tiny_model}",
+            "stages=[masks,finetune,inpaint,report]",
+            f"diffusion.path={model}",
             "logger=none",
             "data.num_train=8",
             "data.num_test=4",
@@ -186,11 +194,18 @@ def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path,
             "finetune.sample_steps=2",
             "inpaint.module.num_steps=4",
         ],
-        run_dir=tmp_path / "run",
+        run_dir=run_dir,
     )
-    summaries = run(cfg)
+    with one_torch_thread():
+        summaries = run(cfg)
+    return run_dir, summaries, cfg
 
-    run_dir = tmp_path / "run"
+
+def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(inpainted_run) -> None:
+    from conceptdistill.pipeline.layout import INPAINT_OUTPUTS
+    from conceptdistill.utils.io import load_mask_png
+
+    run_dir, summaries, _ = inpainted_run
     sizes = {"train": 8, "test": 4}
     checked = nonempty_prelim = 0
     for split, count in sizes.items():
@@ -216,6 +231,37 @@ def test_inpaint_stage_refined_masks_stay_inside_the_preliminary_masks(tmp_path,
     assert {"acc", "iou", "miou"} <= set(refined_row)
     assert (run_dir / "inpaint" / "inpaint_grid.png").is_file()
     assert (run_dir / "inpaint" / "DONE.json").is_file()
+
+
+def test_the_object_removal_rate_is_the_judges_verdict_image_by_image(inpainted_run) -> None:
+    """results.json, results.md and the report page give the fraction of test backgrounds B in which the world's
+    judge sees no object where the object was or where B was repainted, counted image by image here."""
+    import json
+
+    from hydra.utils import instantiate
+
+    from conceptdistill.pipeline.layout import RunLayout
+    from conceptdistill.world.judge import holds_object
+
+    run_dir, summaries, cfg = inpainted_run
+    data = instantiate(cfg.data)  # the run's data: the same images, the same truth
+    layout = RunLayout(run_dir)
+    backgrounds, prelims = layout.inpaint_store("test"), layout.mask_store("test")
+    verdicts = []
+    for sample in data.dataset("test"):
+        truth = sample["mask"].numpy()
+        region = truth | upsample_mask(prelims.load("mask", sample["id"]), truth.shape)
+        verdicts.append(holds_object(backgrounds.load("background", sample["id"]), data.world, region))
+    expected = {"value": verdicts.count(False) / 4, "removed": verdicts.count(False), "judged": 4, "skipped": 0,
+                "split": "test"}
+    assert 0 < expected["removed"] < 4  # both verdicts occur, so the equality below says something
+
+    assert summaries["inpaint"]["scalars"]["object_removal_rate"] == expected
+    results = json.loads((run_dir / "report" / "results.json").read_text())
+    assert results["object_removal_rate"] == expected
+    text = (f"{expected['value']:.3f} (removed {expected['removed']}, judged 4, skipped 0, split test)")
+    assert f"(`object_removal_rate`): {text}" in (run_dir / "report" / "results.md").read_text()
+    assert f"(<code>object_removal_rate</code>): {text}" in (run_dir / "report" / "index.html").read_text()
 
 
 # --------------------------------------------------------------------------------------------------
