@@ -13,21 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from conceptdistill.diffusion.tokenizer import SENTENCEPIECE_WORD_START
+from conceptdistill.diffusion.tokenizer import SENTENCEPIECE_WORD_START, clean_words
 
 # T5's special pieces and their ids (sentencepiece's <pad>=0, </s>=1, <unk>=2).
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
-
-
-def clean_words(words: Iterable[str], *, lower: bool) -> list[str]:
-    clean: list[str] = []
-    for word in words:
-        word = word.strip().lower() if lower else word.strip()
-        if not (word.isascii() and word.isalpha()):
-            raise ValueError(f"tokenizer words must be non-empty and made of ASCII letters, got {word!r}")
-        if word not in clean:
-            clean.append(word)
-    return clean
 
 
 def write_t5_tokenizer(

@@ -78,6 +78,23 @@ def _word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
     return merges
 
 
+def clean_words(words: Iterable[str], *, lower: bool) -> list[str]:
+    """The distinct words of a written test tokenizer's vocabulary, stripped (and lower-cased when `lower`, as CLIP
+    lower-cases its input), in first-seen order.
+
+    Raises ValueError for an empty word or one with anything but ASCII letters: the byte-level pre-tokenizer would
+    split non-ASCII letters into UTF-8 bytes, and both pre-tokenizers split at anything else.
+    """
+    clean: list[str] = []
+    for word in words:
+        word = word.strip().lower() if lower else word.strip()
+        if not (word.isascii() and word.isalpha()):
+            raise ValueError(f"tokenizer words must be non-empty and made of ASCII letters, got {word!r}")
+        if word not in clean:
+            clean.append(word)
+    return clean
+
+
 def write_word_tokenizer(
     folder: str | os.PathLike,
     words: Iterable[str],
@@ -93,14 +110,7 @@ def write_word_tokenizer(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    clean: list[str] = []
-    for word in words:
-        word = word.strip().lower()
-        # Non-ASCII letters would be split into UTF-8 bytes by the byte-level pre-tokenizer.
-        if not (word.isascii() and word.isalpha()):
-            raise ValueError(f"tokenizer words must be non-empty and made of ASCII letters, got {word!r}")
-        if word not in clean:
-            clean.append(word)
+    clean = clean_words(words, lower=True)
 
     alphabet = _byte_alphabet()
     vocab: dict[str, int] = {}
