@@ -51,13 +51,15 @@ TINY_STEPS = [
     "inpaint.module.num_steps=3",
     "synthesize.num_samples=4", "synthesize.module.num_steps=3",
     "segment.max_steps=2", "segment.batch_size=4",
+    # a shallow segmenter: the default's 45 MB per checkpoint, four per run, filled a test machine's disk
+    "segment.module.encoder_depth=3", "segment.module.decoder_channels=[16,8,4]",
 ]
 #: what the paper experiments additionally need on a CPU with 32 px images
 TINY_PAPER = [
     "trainer=cpu", "diffusion.dtype=float32", "diffusion.batch_size=8",
     "data.image_size=32", "data.num_workers=0", "data.scan_workers=1",
     "finetune.batch_size=4", "finetune.module.warmup_steps=0",
-    "segment.image_size=32", "segment.module.encoder_depth=3", "segment.module.decoder_channels=[16,8,4]",
+    "segment.image_size=32",
 ]
 
 

@@ -1,8 +1,9 @@
 """Stage "finetune": concept-distillation fine-tuning of the diffusion UNet (docs/METHOD.md, stage 2).
 
 Trains the fine-tuner (modules/finetuner.py, config `finetune.module`) on the training images with their
-M_pre, for `finetune.max_steps` steps, resumably (`finetune/checkpoints/last.ckpt`), and exports the weights
-in the adapter's format (diffusion/adapters.py) to `finetune/weights`, where later stages load them.
+M_pre, for `finetune.max_steps` steps, resumably (`finetune/checkpoints/last.ckpt`, removed once the stage
+finishes), and exports the weights in the adapter's format (diffusion/adapters.py) to `finetune/weights`, where
+later stages load them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from conceptdistill.modules.callbacks import LossHistory, SampleImagesCallback, 
 from conceptdistill.pipeline.artifacts import WithArtifacts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import resumable_checkpoints
+from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints
 from conceptdistill.utils.io import write_json
 
 
@@ -50,6 +51,7 @@ def run_finetune(ctx: RunContext) -> dict:
     trained = sum(p.numel() for p in module.trainable_parameters())  # before export merges an inpaint9 LoRA
     weights = module.export(ctx.layout.finetuned_weights())
     write_json(folder / "loss.json", {"step_loss": history.history})
+    drop_resume_checkpoint(last)
     return {"adapter": module.hparams.adapter, "steps": int(trainer.global_step),
             "weights": str(weights.relative_to(ctx.run_dir)),
             "trainable_parameters": trained,

@@ -27,7 +27,7 @@ from conceptdistill.modules.segmenter import SegmentationModel
 from conceptdistill.pipeline.artifacts import SampleIds, with_output
 from conceptdistill.pipeline.context import RunContext, finish_loggers
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import resumable_checkpoints
+from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints
 from conceptdistill.utils.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ def train_segmenter(ctx: RunContext, source: str) -> SegmentationModel:
                          seed=ctx.cfg.seed, salt=f"segment-{source}", start_step=checkpoint_step(resume),
                          trainer=trainer)
     trainer.fit(model, loader, ckpt_path=str(resume) if resume else None)
-    trainer.save_checkpoint(final)
+    trainer.save_checkpoint(final, weights_only=True)  # the result: weights and hyper-parameters, no optimizer
+    drop_resume_checkpoint(last)
     finish_loggers()  # one logger run per mask source
     return model
 

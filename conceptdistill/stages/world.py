@@ -27,7 +27,7 @@ from conceptdistill.evaluation import log_results
 from conceptdistill.figures import save_grid
 from conceptdistill.pipeline.context import RunContext, command_line
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import resumable_checkpoints
+from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints
 from conceptdistill.utils.io import write_json
 from conceptdistill.world.datamodule import ShapesWorldDataModule
 
@@ -106,6 +106,7 @@ def run_world(ctx: RunContext) -> dict:
     else:
         pipeline = save_diffusion_parts(parts, ctx.layout.world_model(), overwrite=True)
     write_json(pipeline / "training.json", summary)
+    drop_resume_checkpoint(ctx.layout.checkpoints("world") / "last.ckpt")
     log_results(ctx, "world", summary, {"world_samples": grid})
     return summary
 

@@ -27,3 +27,15 @@ def resumable_checkpoints(folder, every_n_steps: int):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     return ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=every_n_steps)
+
+
+def drop_resume_checkpoint(last) -> None:
+    """Remove a training stage's resume checkpoint once the stage's result is written: it holds the weights and
+    the optimizer's moments (three copies of every trained parameter), which a finished stage never reads again.
+    Its folder goes too when nothing else is left in it. Every process of a multi-GPU run may call this."""
+    last = Path(last)
+    last.unlink(missing_ok=True)
+    try:
+        last.parent.rmdir()
+    except OSError:  # not empty (the segmenter's folder holds its result) or already gone
+        pass

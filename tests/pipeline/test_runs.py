@@ -231,6 +231,19 @@ def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(fi
         assert runs["killed"]["rows"] == runs["uninterrupted"]["rows"]
 
 
+def test_a_finished_training_stage_keeps_its_result_not_its_resume_state(finished_run):
+    """Resume checkpoints (optimizer moments included) are for an unfinished stage: a finished one keeps only its
+    result, the segmenters' weights without optimizer state. (Four segmenters' two full copies each took 400 MB
+    per tiny run and filled a test machine's disk.)"""
+    run_dir, _ = finished_run
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("last.ckpt")) == []
+    finals = sorted(run_dir.glob("segment/*/final.ckpt"))
+    assert finals
+    for final in finals:
+        checkpoint = torch.load(final, map_location="cpu", weights_only=False)
+        assert "optimizer_states" not in checkpoint and checkpoint["state_dict"], final
+
+
 def test_world_training_interrupted_after_a_checkpoint_resumes_to_the_same_model(tmp_path, monkeypatch):
     from pytorch_lightning.callbacks import Callback
 
@@ -262,6 +275,7 @@ def test_world_training_interrupted_after_a_checkpoint_resumes_to_the_same_model
             run(compose(overrides, run_dir=tmp_path / "resumed"))
     assert torch.load(tmp_path / "resumed/world/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
     run(compose(overrides, run_dir=tmp_path / "resumed"))
+    assert not (tmp_path / "resumed/world/checkpoints/last.ckpt").exists()  # finished: the resume state is dropped
     from safetensors.torch import load_file
 
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
