@@ -216,6 +216,38 @@ def refine_mask(
     return pre & changed
 
 
+def mirrored_background(image: np.ndarray, object_mask: np.ndarray) -> np.ndarray:
+    """The simple-inpainting baseline's background ("M_crop", Dombrowski et al. 2023, ablation): the object
+    region filled with the image's own background, flipped into the object's place.
+
+    Of the three mirror images (left-right, top-bottom, both), the one that brings the most background pixels
+    into the object region fills first, then the others fill what is left; object pixels that no mirror covers
+    with background get the mean background colour (the image's mean when everything is object). Written here:
+    no library fills a region from a flipped copy.
+
+    Args:
+        image: (H, W, C) float array, any range.
+        object_mask: (H, W) bool, True = object (M_pre at the image's size).
+    Returns:
+        (H, W, C) array of image's dtype, equal to `image` outside the object region.
+    """
+    if image.shape[:2] != object_mask.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {object_mask.shape} differ in size")
+    background = ~object_mask
+    mirrors = [(image[:, ::-1], background[:, ::-1]), (image[::-1], background[::-1]),
+               (image[::-1, ::-1], background[::-1, ::-1])]
+    # the mirror that supplies the largest background region over the object goes first
+    mirrors.sort(key=lambda pair: -int(np.count_nonzero(pair[1] & object_mask)))
+    filled, todo = image.copy(), object_mask.copy()
+    for flipped, usable in mirrors:
+        take = todo & usable
+        filled[take] = flipped[take]
+        todo &= ~take
+    if todo.any():
+        filled[todo] = image[background].mean(axis=0) if background.any() else image.reshape(-1, image.shape[-1]).mean(0)
+    return filled
+
+
 def close_and_fill_holes(mask: np.ndarray, closing_size: int = 3) -> np.ndarray:
     """Binary closing (bridges gaps up to about `closing_size` pixels), then hole filling."""
     mask = np.asarray(mask, dtype=bool)

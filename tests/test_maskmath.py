@@ -396,3 +396,30 @@ def test_close_and_fill_holes_turns_an_outline_into_a_solid_object():
     broken[7:10, 12:15] = False  # a gap of about one closing width: closing bridges it first
     assert close_and_fill_holes(broken, 3)[8, 8]
     assert not close_and_fill_holes(np.zeros((8, 8), bool)).any()
+
+
+def test_mirrored_background_fills_the_object_from_the_largest_mirrored_background():
+    from conceptdistill.maskmath import mirrored_background
+
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 10, 3)).astype(np.float32)
+    obj = np.zeros((8, 10), bool)
+    obj[2:5, 1:4] = True  # left half: its left-right mirror (columns 6..8) is all background
+    filled = mirrored_background(image, obj)
+    assert filled.dtype == image.dtype
+    assert np.array_equal(filled[~obj], image[~obj])
+    assert np.array_equal(filled[obj], image[:, ::-1][obj])
+    # an object across the vertical axis: the top-bottom mirror brings more background and fills first
+    wide = np.zeros((8, 10), bool)
+    wide[0:3, 2:8] = True
+    filled = mirrored_background(image, wide)
+    assert np.array_equal(filled[wide], image[::-1][wide])
+    # pixels no mirror covers with background take the mean background colour; all object: the image mean
+    centre = np.zeros((8, 10), bool)
+    centre[3:5, 4:6] = True  # every mirror of a centred square is the square itself
+    filled = mirrored_background(image, centre)
+    assert np.allclose(filled[centre], image[~centre].mean(axis=0))
+    everything = mirrored_background(image, np.ones((8, 10), bool))
+    assert np.allclose(everything, image.reshape(-1, 3).mean(axis=0))
+    with pytest.raises(ValueError, match="differ in size"):
+        mirrored_background(image, np.zeros((8, 8), bool))

@@ -15,7 +15,7 @@ import torch
 
 from conceptdistill.diffusion.parts import register_parts
 from conceptdistill.diffusion.sampling import inpaint_latents
-from conceptdistill.maskmath import refine_mask, upsample_mask
+from conceptdistill.maskmath import mirrored_background, refine_mask, upsample_mask
 from conceptdistill.utils.seeding import sample_generators
 
 if TYPE_CHECKING:
@@ -67,3 +67,16 @@ class BackgroundInpainter(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_index: int = 0) -> list[dict]:
         return self.inpaint_and_refine(batch["image"], batch["prelim_mask"], batch["id"])
+
+
+class MirrorInpainter(BackgroundInpainter):
+    """The simple-inpainting baseline M_crop: no diffusion model repaints the object region; the image's own
+    background, flipped into the object's place (maskmath.mirrored_background), is B, and the refinement is
+    the same (config `inpaint=crop`). Shows what the fine-tuned model's inpainting adds over a copy."""
+
+    @torch.no_grad()
+    def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:
+        pictures = images.float().cpu().numpy().transpose(0, 2, 3, 1)
+        filled = [mirrored_background(x, upsample_mask(m, x.shape[:2]))
+                  for x, m in zip(pictures, prelim_masks.cpu().numpy().astype(bool), strict=True)]
+        return torch.from_numpy(np.stack(filled).transpose(0, 3, 1, 2))

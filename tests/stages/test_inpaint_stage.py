@@ -167,6 +167,11 @@ def test_inpainting_keeps_the_known_region() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+TINY_INPAINT_RUN = ["logger=none", "data.num_train=8", "data.num_test=4", "masks.module.num_steps=10",
+                    "masks.module.start_step=4", "finetune.max_steps=2", "finetune.sample_every=0",
+                    "finetune.sample_steps=2", "inpaint.module.num_steps=4"]
+
+
 @pytest.fixture(scope="module")
 def inpainted_run(tmp_path_factory):
     """A tiny shapes-world run through masks, finetune, inpaint and report (once for this module), with a tiny
@@ -180,22 +185,7 @@ def inpainted_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inpaint")
     model = save_diffusion_parts(build_tiny_parts(latent="space_to_depth"), folder / "pipeline")
     run_dir = folder / "run"
-    cfg = compose(
-        [
-            "stages=[masks,finetune,inpaint,report]",
-            f"diffusion.path={model}",
-            "logger=none",
-            "data.num_train=8",
-            "data.num_test=4",
-            "masks.module.num_steps=10",
-            "masks.module.start_step=4",
-            "finetune.max_steps=2",
-            "finetune.sample_every=0",
-            "finetune.sample_steps=2",
-            "inpaint.module.num_steps=4",
-        ],
-        run_dir=run_dir,
-    )
+    cfg = compose(["stages=[masks,finetune,inpaint,report]", f"diffusion.path={model}", *TINY_INPAINT_RUN], run_dir=run_dir)
     with one_torch_thread():
         summaries = run(cfg)
     return run_dir, summaries, cfg
@@ -262,6 +252,41 @@ def test_the_object_removal_rate_is_the_judges_verdict_image_by_image(inpainted_
     text = (f"{expected['value']:.3f} (removed {expected['removed']}, judged 4, skipped 0, split test)")
     assert f"(`object_removal_rate`): {text}" in (run_dir / "report" / "results.md").read_text()
     assert f"(<code>object_removal_rate</code>): {text}" in (run_dir / "report" / "index.html").read_text()
+
+
+def test_the_crop_baseline_fills_the_object_region_from_the_image_itself(inpainted_run, tmp_path) -> None:
+    """`inpaint=crop` (the M_crop baseline): B is the image outside up(M_pre) exactly, and inside it only colours
+    of the image's own background; it is a different inpaint stage (new fingerprint), refined the same way."""
+    import shutil
+
+    from hydra.utils import instantiate
+
+    from conceptdistill.pipeline.layout import RunLayout
+    from conceptdistill.runner import run
+
+    run_dir, summaries, cfg = inpainted_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("inpaint", "report"))
+    crop_cfg = compose(["stages=[inpaint]", f"diffusion.path={cfg.diffusion.path}", *TINY_INPAINT_RUN, "inpaint=crop"],
+                       run_dir=copy)
+    assert crop_cfg.inpaint.module._target_.endswith("MirrorInpainter")
+    crop = run(crop_cfg)["inpaint"]
+    assert crop["test"]["images"] == 4 and "refined_masks" in crop["rows"]
+    layout = RunLayout(copy)
+    assert (copy / "inpaint" / "FINGERPRINT").read_text() != (run_dir / "inpaint" / "FINGERPRINT").read_text()
+    data = instantiate(cfg.data)
+    differs = 0
+    for sample in data.dataset("test"):
+        image = sample["image"].numpy().transpose(1, 2, 0)
+        background = layout.inpaint_store("test").load("background", sample["id"]).astype(np.float32)
+        if background.max() > 1.5:  # stored as 8-bit
+            background /= 255
+        region = upsample_mask(layout.mask_store("test").load("mask", sample["id"]), image.shape[:2])
+        assert np.abs(background[~region] - image[~region]).max() <= 1 / 255 + 1e-6
+        differs += bool(region.any())
+        refined = layout.inpaint_store("test").load("mask", sample["id"])
+        assert not (refined & ~region).any()
+    assert differs > 0
 
 
 # --------------------------------------------------------------------------------------------------
