@@ -103,6 +103,15 @@ def attention_with_concept_mass(
     return output, torch.exp(scores - log_norm[:, :, image_queries, None]).sum(dim=-1)
 
 
+def split_heads(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, norm_q: Any, norm_k: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projections (B, N, heads * d) -> (B, heads, N, d) each, then the layer's query / key norms where it has
+    them (diffusers' processors apply RMS / layer norms per head, after the split)."""
+    batch_size, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
+
+
 class CapturingAttnProcessor:
     """diffusers `AttnProcessor2_0` (a UNet's attention) with the concept mass of each image position handed to the
     store, for cross-attention layers (see `unet_capturing_processors`). Projections are called as modules, so
@@ -142,13 +151,8 @@ class CapturingAttnProcessor:
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, query, attn.to_k(context), attn.to_v(context), attn.norm_q, attn.norm_k)
+        head_dim = query.shape[-1]
 
         if encoder_hidden_states is not None and self.store.enabled and getattr(self.store, "needs_probabilities", False):
             # a store that keeps every token's map (the reference code's way, a benchmark peer): explicit softmax
@@ -203,22 +207,13 @@ class CapturingJointAttnProcessor:
         attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any,
     ) -> Any:
         batch_size, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                        attn.to_v(hidden_states), attn.norm_q, attn.norm_k)
+        head_dim = query.shape[-1]
         if encoder_hidden_states is not None:
-            text_q, text_k, text_v = (
-                proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            )
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = split_heads(
+                attn, *(proj(encoder_hidden_states) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)),
+                attn.norm_added_q, attn.norm_added_k)
             query, key, value = (torch.cat(pair, dim=2) for pair in ((query, text_q), (key, text_k), (value, text_v)))
         if encoder_hidden_states is not None and self.store.enabled:
             index = _key_index(self.store, image_tokens, query.device)
