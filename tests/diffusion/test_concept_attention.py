@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import compose, one_torch_thread
 from test_end_to_end import ALL_STAGES, TINY_STEPS
+from test_families import PROMPT, noisy_inputs
 
 from conceptdistill.diffusion.attention import capture_attention
 from conceptdistill.diffusion.concept_attention import (
@@ -25,7 +26,6 @@ from conceptdistill.diffusion.concept_attention import (
 from conceptdistill.diffusion.loading import load_diffusion_parts
 from conceptdistill.modules.masker import AttentionMaskGenerator
 
-PROMPT = "a photo of a bird"
 CONCEPTS = ["bird", "background"]
 MMDIT = ["sd3", "sd35", "flux"]
 
@@ -45,14 +45,6 @@ def loaded(folder, family: str):
             torch.manual_seed(1)
             parts.denoiser = type(parts.denoiser).from_config({**parts.denoiser.config, "num_layers": 2}).eval()
     return parts
-
-
-def noisy_inputs(parts, batch: int = 2, side: int = 32):
-    generator = torch.Generator().manual_seed(0)
-    latents = parts.encode_images(torch.rand(batch, 3, side, side, generator=generator))
-    timesteps = parts.attention_timesteps(10, 8, tuple(latents.shape[1:]))[:1].expand(batch)
-    noisy = parts.add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps)
-    return noisy, timesteps, parts.encode_prompts([PROMPT] * batch)
 
 
 def hooks(module: torch.nn.Module) -> dict[str, tuple]:
