@@ -247,6 +247,10 @@ def _enclosing_word(prompt: str, word: str) -> str | None:
     return prompt[start:end]
 
 
+class TruncatedConceptError(ValueError):
+    """A concept word that is a whole word of the prompt, but only beyond the tokens the tokenizer keeps."""
+
+
 def concept_token_indices(
     tokenizer: Any, prompt: str, concept_words: str | Sequence[str], *, max_length: int | None = None
 ) -> list[int]:
@@ -271,7 +275,8 @@ def concept_token_indices(
         Sorted, distinct int positions.
     Raises:
         ValueError: no words, a word that tokenizes to nothing, or a word that is not a whole word of the kept
-            prompt (the message names the word, the prompt, the pieces and the rule).
+            prompt (the message names the word, the prompt, the pieces and the rule); TruncatedConceptError (a
+            ValueError) when the word is whole but only beyond the kept tokens.
         TypeError: a concept word that is not a string.
         NotImplementedError: a tokenizer whose word boundaries cannot be read (see `word_boundaries`).
     """
@@ -310,7 +315,7 @@ def concept_token_indices(
             continue
         context = f"(pieces of {word!r}: {pieces}; prompt pieces: {tokens})"
         if whole:
-            raise ValueError(
+            raise TruncatedConceptError(
                 f"concept word {word!r} occurs in {prompt!r} only beyond the first {kept} tokens, which the "
                 f"tokenizer keeps (max_length {limit}): it was truncated away {context}"
             )

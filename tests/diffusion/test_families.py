@@ -138,6 +138,13 @@ def test_concept_tokens_are_found_in_every_text_sequence(tmp_path):
     # without T5, SD3 attends to the CLIP part only (and T5 is not even read from disk)
     no_t5 = load_diffusion_parts(tmp_path / "sd3", settings={"text_encoder_3": False, "max_sequence_length": 32})
     assert no_t5.text_encoder_3 is None and no_t5.concept_token_indices(PROMPT, "bird") == [5]
+    # a concept that CLIP's tokens cut off but T5's longer sequence keeps: the T5 positions alone
+    long_prompt = "a photo of " + "a " * (clip_length - 4) + "bird"
+    assert len(sd3.tokenizer(long_prompt)["input_ids"]) > clip_length
+    t5_position = sd3.tokenizer_3(long_prompt)["input_ids"].index(sd3.tokenizer_3.convert_tokens_to_ids("\u2581bird"))
+    assert sd3.concept_token_indices(long_prompt, "bird") == [clip_length + t5_position]
+    with pytest.raises(ValueError, match="truncated away"):  # without T5 nothing keeps it
+        no_t5.concept_token_indices(long_prompt, "bird")
 
 
 # ----- flow matching -------------------------------------------------------------------------------------------

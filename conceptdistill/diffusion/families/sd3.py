@@ -64,13 +64,19 @@ class StableDiffusion3Parts(FlowMatchingParts):
 
     def concept_token_indices(self, prompt: str, words: str | list[str]) -> list[int]:
         """The concept's positions in the joint text sequence: in the CLIP part (both CLIP tokenizers must
-        agree) and, when T5 is loaded, in the T5 part (offset by the CLIP length, 77)."""
-        from conceptdistill.diffusion.tokenizer import concept_token_indices
+        agree) and, when T5 is loaded, in the T5 part (offset by the CLIP length, 77). A concept that CLIP's 77
+        tokens cut off but T5's longer sequence keeps has its T5 positions only; without T5 it is refused."""
+        from conceptdistill.diffusion.tokenizer import TruncatedConceptError, concept_token_indices
 
-        clip = concept_token_indices(self.tokenizer, prompt, words)
-        if concept_token_indices(self.tokenizer_2, prompt, words) != clip:
-            raise ValueError(f"the CLIP tokenizers of this SD3 folder place the concept {words!r} of {prompt!r} "
-                             "differently: tokenizer/ and tokenizer_2/ do not match")
+        try:
+            clip = concept_token_indices(self.tokenizer, prompt, words)
+            if concept_token_indices(self.tokenizer_2, prompt, words) != clip:
+                raise ValueError(f"the CLIP tokenizers of this SD3 folder place the concept {words!r} of {prompt!r} "
+                                 "differently: tokenizer/ and tokenizer_2/ do not match")
+        except TruncatedConceptError:
+            if self.text_encoder_3 is None:
+                raise
+            clip = []
         if self.text_encoder_3 is None:
             return clip
         offset = int(self.tokenizer.model_max_length)
