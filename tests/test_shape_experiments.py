@@ -1,0 +1,97 @@
+"""The shapes-world experiment scripts of experiments/shapes/ (segmenter budget, fine-tuning curve, every concept)
+run end to end on the tests' tiny model, so they cannot rot: each reruns stages through the command line in
+copies of a finished run and writes its table, and the settings it varies reach the runs it makes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from test_end_to_end import TINY_STEPS
+
+SHAPES = REPO / "experiments" / "shapes"
+sys.path.insert(0, str(SHAPES))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_model) -> list[str]:
+    return [f"diffusion.path={tiny_model}", "data.num_train=8", "data.num_test=4", *TINY_STEPS]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_overrides):
+    """A tiny shapes run through synthesize, made by the command line (so it has its .hydra record)."""
+    run_dir = tmp_path_factory.mktemp("shape-experiments") / "run"
+    subprocess.run([sys.executable, "-m", "conceptdistill", "stages=[masks,finetune,inpaint,synthesize]",
+                    "logger=none", "quiet=true", *tiny_overrides, f"hydra.run.dir={run_dir}"],
+                   check=True, cwd=REPO, env=ENV)
+    return run_dir
+
+
+def main_with(module, monkeypatch, *argv: str) -> None:
+    for key in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "WANDB_MODE"):
+        monkeypatch.setenv(key, ENV[key])
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    module.main()
+
+
+def test_segmenter_budget_trains_each_budget_and_tabulates_it(finished, tiny_overrides, tmp_path, monkeypatch):
+    import segmenter_budget
+
+    out = tmp_path / "segmenter_budget"
+    main_with(segmenter_budget, monkeypatch, "--run", str(finished), "--budgets", "2:3:32", "3:2:32",
+              "--work", str(tmp_path / "work"), "--out", str(out), "--", *tiny_overrides)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["concept"] == "circle" and [r["budget"]["steps"] for r in record["budgets"]] == [2, 3]
+    for row in record["budgets"]:
+        assert set(row["iou"]) == {"truth", "refined"} and all(0 <= v <= 1 for v in row["iou"].values())
+        budget = row["budget"]
+        folder = tmp_path / "work" / f"{budget['steps']}-{budget['depth']}-{budget['size']}"
+        checkpoint = torch.load(folder / "segment" / "truth" / "final.ckpt", map_location="cpu", weights_only=False)
+        assert checkpoint["global_step"] == budget["steps"]
+        assert checkpoint["hyper_parameters"]["encoder_depth"] == budget["depth"]
+    table = out.with_suffix(".md").read_text()
+    assert "| 3 | 2 | 32 |" in table and record["command"] in table
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_finetune_curve_reruns_finetuning_and_the_crop_baseline(finished, tiny_overrides, tmp_path, monkeypatch):
+    import finetune_curve
+
+    out = tmp_path / "finetune_curve"
+    main_with(finetune_curve, monkeypatch, "--run", str(finished), "--lora-steps", "0", "1", "--full-steps", "1",
+              "--work", str(tmp_path / "work"), "--out", str(out), "--", *tiny_overrides)
+    record = json.loads(out.with_suffix(".json").read_text())
+    families = [(r["family"], r["steps"]) for r in record["rows"]]
+    # the run's own recipe (2 LoRA steps), the base model, 1 LoRA step, full fine-tuning, the crop baseline
+    assert families == [("lora", 2), ("lora", 0), ("lora", 1), ("full", 1), ("crop", 2)]
+    for row in record["rows"]:
+        assert 0 <= row["object_removal_rate"] <= 1 and row["judged"] == 4 and 0 <= row["refined_iou"] <= 1
+    work = tmp_path / "work"
+    assert json.loads((work / "lora-0" / "finetune" / "DONE.json").read_text())["summary"]["steps"] == 0
+    assert json.loads((work / "full-1" / "finetune" / "DONE.json").read_text())["summary"]["adapter"] == "full"
+    crop = json.loads((work / "crop-2" / "inpaint" / "DONE.json").read_text())
+    assert crop["inputs"]["finetune"] == json.loads((finished / "finetune" / "DONE.json").read_text())["fingerprint"]
+    assert "M_crop" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_concepts_runs_the_whole_method_per_concept(tiny_overrides, tmp_path, monkeypatch):
+    import concepts
+
+    out = tmp_path / "concepts"
+    main_with(concepts, monkeypatch, "--concepts", "square", "--work", str(tmp_path / "work"), "--out", str(out),
+              "--", "logger=none", *tiny_overrides)
+    record = json.loads(out.with_suffix(".json").read_text())
+    (row,) = record["rows"]
+    results = json.loads((tmp_path / "work" / "square" / "report" / "results.json").read_text())
+    assert results["concept"] == ["square"]
+    assert row["concept"] == "square" and set(row["iou"]) == {key for key, _ in concepts.LADDER}
+    best = max(row["iou"][k] for k in concepts.LABEL_FREE)
+    assert row["fraction_of_supervised"] == pytest.approx(best / row["iou"]["unet_truth"])
+    assert "| square |" in out.with_suffix(".md").read_text()
