@@ -7,7 +7,7 @@ M_pre where the image differs from its background: M = up(M_pre) AND threshold(m
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 class BackgroundInpainter(pl.LightningModule):
     """predict_step: images + M_pre -> per image the background B and the refined mask M."""
+
+    #: it repaints with the fine-tuned model: stage inpaint reads stage finetune's weights
+    repaints_with_model: ClassVar[bool] = True
 
     def __init__(
         self, parts: DiffusionParts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str | None = "",
@@ -72,7 +75,20 @@ class BackgroundInpainter(pl.LightningModule):
 class MirrorInpainter(BackgroundInpainter):
     """The simple-inpainting baseline M_crop: no diffusion model repaints the object region; the image's own
     background, flipped into the object's place (maskmath.mirrored_background), is B, and the refinement is
-    the same (config `inpaint=crop`). Shows what the fine-tuned model's inpainting adds over a copy."""
+    the same (config `inpaint=crop`). Shows what the fine-tuned model's inpainting adds over a copy.
+
+    It needs no model: stage inpaint then neither reads stage finetune nor loads weights, and only the settings
+    below enter its fingerprint. The sampler's settings of the shared config (prompt, num_steps, ...) are
+    accepted and ignored."""
+
+    repaints_with_model = False
+    #: the `inpaint.module` keys it reads
+    settings: ClassVar[tuple[str, ...]] = ("_target_", "_partial_", "filter_size", "close_holes", "closing_size", "seed")
+
+    def __init__(self, parts: DiffusionParts | None = None, *, filter_size: int = 3, close_holes: bool = False,
+                 closing_size: int = 3, seed: int = 0, **sampler_settings: Any) -> None:
+        pl.LightningModule.__init__(self)
+        self.filter_size, self.close_holes, self.closing_size, self.seed = filter_size, close_holes, closing_size, seed
 
     @torch.no_grad()
     def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:

@@ -7,24 +7,45 @@ world it also judges how often B holds no object (`object_removal_rate`, evaluat
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from conceptdistill.evaluation import evaluate_inpaint_stage
 from conceptdistill.pipeline.artifacts import SampleWriter, WithArtifacts, pending, split_counts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
+SETTINGS = ("seed", "prompts", "diffusion", "data", "splits", "inpaint", *PREDICTION_HARDWARE)
+
+
+def _repaints(cfg) -> bool:
+    return get_class(cfg.inpaint.module._target_).repaints_with_model
+
+
+def inpaint_inputs(cfg) -> tuple[str, ...]:
+    """M_pre always; the fine-tuned weights when the inpainter repaints with them (not the M_crop baseline)."""
+    return ("finetune", "masks") if _repaints(cfg) else ("masks",)
+
+
+def inpaint_settings(cfg) -> tuple[str, ...]:
+    """Everything under `inpaint` for a repainting inpainter; for one that needs no model (M_crop) only the
+    module keys it declares, so that the sampler's settings and the prompts do not redo it."""
+    if _repaints(cfg):
+        return SETTINGS
+    own = get_class(cfg.inpaint.module._target_).settings
+    return (*(s for s in SETTINGS if s not in ("prompts", "inpaint")), "inpaint.batch_size",
+            "inpaint.figure_samples", *(f"inpaint.module.{key}" for key in own))
+
 
 @register_stage(
-    "inpaint", inputs=("finetune", "masks"), uses_model=True,
-    settings=("seed", "prompts", "diffusion", "data", "splits", "inpaint", *PREDICTION_HARDWARE),
+    "inpaint", inputs=inpaint_inputs, uses_model=True, settings=inpaint_settings,
     rows={"refined_masks": "refined masks M"},
     scalars={"object_removal_rate": "object removal rate (backgrounds B that hold no object)"},
     figures={"inpaint_grid.png": "inpaint_grid.png"},
 )
 def run_inpaint(ctx: RunContext) -> dict:
     cfg = ctx.cfg
-    module = instantiate(cfg.inpaint.module, _convert_="all")(ctx.load_parts(finetuned=True))
+    parts = ctx.load_parts(finetuned=True) if _repaints(cfg) else None
+    module = instantiate(cfg.inpaint.module, _convert_="all")(parts)
     summary: dict = {}
     for split in cfg.splits:
         store = ctx.layout.inpaint_store(split)

@@ -288,6 +288,23 @@ def test_the_crop_baseline_fills_the_object_region_from_the_image_itself(inpaint
         assert not (refined & ~region).any()
     assert differs > 0
 
+    # it needs no fine-tuned model: a run without a finetune stage makes it; the sampler's settings and the
+    # prompts (which it does not read) leave it complete, its own settings redo it
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run_dir, fresh, ignore=shutil.ignore_patterns("finetune", "inpaint", "report"))
+    assert run(compose(["stages=[inpaint]", f"diffusion.path={cfg.diffusion.path}", *TINY_INPAINT_RUN, "inpaint=crop"],
+                       run_dir=fresh))["inpaint"]["rows"] == crop["rows"]
+    assert (fresh / "inpaint" / "FINGERPRINT").read_text() == (copy / "inpaint" / "FINGERPRINT").read_text()
+    from conceptdistill.pipeline.context import RunContext
+
+    def complete(*extra: str) -> bool:
+        overrides = [f"diffusion.path={cfg.diffusion.path}", *TINY_INPAINT_RUN, "inpaint=crop", *extra]
+        return RunContext(compose(overrides, run_dir=fresh)).is_complete("inpaint")
+
+    assert complete() and complete("inpaint.module.num_steps=7", "prompts.background=a photo of grass",
+                                   "finetune.max_steps=5", "inpaint.module.guidance_scale=3")
+    assert not complete("inpaint.module.filter_size=5") and not complete("inpaint.module.seed=9")
+
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic set: independent of how samples are sharded across devices; resumable
