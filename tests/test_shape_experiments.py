@@ -61,24 +61,51 @@ def test_segmenter_budget_trains_each_budget_and_tabulates_it(finished, tiny_ove
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_finetune_curve_reruns_finetuning_and_the_crop_baseline(finished, tiny_overrides, tmp_path, monkeypatch):
+def test_finetune_curve_reruns_finetuning_and_the_crop_baseline(finished, tmp_path, monkeypatch):
     import finetune_curve
 
-    out = tmp_path / "finetune_curve"
+    out = tmp_path / "out" / "finetune_curve"  # a folder that does not exist yet
+    # no extra overrides: the run's own (its .hydra record: the tiny model and budgets) are replayed
     main_with(finetune_curve, monkeypatch, "--run", str(finished), "--lora-steps", "0", "1", "--full-steps", "1",
-              "--work", str(tmp_path / "work"), "--out", str(out), "--", *tiny_overrides)
+              "--work", str(tmp_path / "work"), "--out", str(out))
     record = json.loads(out.with_suffix(".json").read_text())
     families = [(r["family"], r["steps"]) for r in record["rows"]]
-    # the run's own recipe (2 LoRA steps), the base model, 1 LoRA step, full fine-tuning, the crop baseline
-    assert families == [("lora", 2), ("lora", 0), ("lora", 1), ("full", 1), ("crop", 2)]
+    # the run's own recipe (2 LoRA steps, its recorded result), the base model, 1 LoRA step, full, the crop baseline
+    assert families == [("lora", 2), ("lora", 0), ("lora", 1), ("full", 1), ("crop", None)]
+    own = json.loads((finished / "inpaint" / "DONE.json").read_text())["summary"]
+    assert record["rows"][0]["refined_iou"] == own["rows"]["refined_masks"]["iou"]
     for row in record["rows"]:
         assert 0 <= row["object_removal_rate"] <= 1 and row["judged"] == 4 and 0 <= row["refined_iou"] <= 1
     work = tmp_path / "work"
     assert json.loads((work / "lora-0" / "finetune" / "DONE.json").read_text())["summary"]["steps"] == 0
     assert json.loads((work / "full-1" / "finetune" / "DONE.json").read_text())["summary"]["adapter"] == "full"
-    crop = json.loads((work / "crop-2" / "inpaint" / "DONE.json").read_text())
-    assert crop["inputs"]["finetune"] == json.loads((finished / "finetune" / "DONE.json").read_text())["fingerprint"]
+    assert not (work / "crop" / "finetune").exists()  # M_crop reads no fine-tuned model
+    assert json.loads((work / "crop" / "inpaint" / "DONE.json").read_text())["inputs"].keys() == {"masks"}
     assert "M_crop" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_scripts_refuse_bad_input_before_any_work(finished, tmp_path, monkeypatch, capsys):
+    import concepts
+    import finetune_curve
+    import segmenter_budget
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / ".hydra").mkdir()
+    (unfinished / ".hydra" / "overrides.yaml").write_text("[]\n")
+    with pytest.raises(SystemExit, match="has not finished stage"):
+        main_with(finetune_curve, monkeypatch, "--run", str(unfinished), "--out", str(tmp_path / "x"))
+    with pytest.raises(SystemExit, match="not a run folder"):
+        main_with(segmenter_budget, monkeypatch, "--run", str(tmp_path), "--out", str(tmp_path / "x"))
+    for budget in ("abc", "10:3", "0:3:32", "10:9:32", "10:3:30"):
+        with pytest.raises(SystemExit) as exit_info:
+            main_with(segmenter_budget, monkeypatch, "--run", str(finished), "--budgets", "10:3:32", budget,
+                      "--out", str(tmp_path / "x"))
+        assert exit_info.value.code == 2 and repr(budget) in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_with(concepts, monkeypatch, "--concepts", "circle", "dragon", "--out", str(tmp_path / "x"))
+    assert "['dragon'] are not shapes or colours" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not list(tmp_path.glob("x.*"))
 
 
 def test_concepts_runs_the_whole_method_per_concept(tiny_overrides, tmp_path, monkeypatch):

@@ -3,16 +3,17 @@
 On a finished shapes run (its masks stage is reused: the same M_pre for every row), reruns the finetune and
 inpaint stages in a copy of the run folder for each variant and records, on the test split, the fraction of
 backgrounds B that hold no object (`object_removal_rate`, the world's judge) and the refined masks' IoU:
-- the base model, not fine-tuned (a LoRA trained for 0 steps exports the model unchanged);
-- LoRA (the experiment's adapter and learning rate) after several step counts: the curve;
-- full fine-tuning (`finetune=full`, the paper's learning rate 1e-4) for the experiment's step count;
+- the run's own adapter (LoRA in the shapes experiment) after several step counts: the curve; 0 steps is the
+  base model, not fine-tuned (the adapter exports the model unchanged);
+- full fine-tuning (`finetune=full`, the paper's learning rate 1e-4) for the run's step count (`--full-steps`);
 - the simple-inpainting baseline M_crop (`inpaint=crop`: the image's own background mirrored into M_pre).
-The run's own finetune and inpaint stages are the row of the experiment's own recipe (not recomputed).
+The run's own recipe is the run's recorded result, or is recomputed when extra overrides are given.
 
     python experiments/shapes/finetune_curve.py --run runs/reproduce/shapes      # finetune_curve.{json,md,png}
     python experiments/shapes/finetune_curve.py --run runs/reproduce/shapes --lora-steps 0 100 1000
 
-Extra arguments after `--` are Hydra overrides of every rerun.
+The run's own overrides (its .hydra record) are replayed in every rerun; extra arguments after `--` are Hydra
+overrides of every rerun on top of them; each variant's settings come last.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from rerun import concept_of, rerun, summary_of  # noqa: E402
+from rerun import concept_of, prepare_output, require_finished, rerun, summary_of  # noqa: E402
 
 
 def scores(summary: dict) -> dict:
@@ -46,7 +47,8 @@ def write_outputs(record: dict, out: Path) -> None:
              "|---|---|---|---|---|"]
     for row in record["rows"]:
         seconds = f"{row['seconds']:.0f}" if row.get("seconds") is not None else "(the run's)"
-        lines.append(f"| {row['variant']} | {row['steps']} | {row['object_removal_rate']:.3f} "
+        steps = "-" if row["steps"] is None else row["steps"]
+        lines.append(f"| {row['variant']} | {steps} | {row['object_removal_rate']:.3f} "
                      f"({row['removed']}/{row['judged']}) | {100 * row['refined_iou']:.1f} | {seconds} |")
     lines += ["", "Seconds: the finetune + inpaint command on this machine (compare within this table only)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -57,13 +59,14 @@ def write_outputs(record: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lora = sorted((r for r in record["rows"] if r["family"] == "lora"), key=lambda r: r["steps"])
+    curve = sorted((r for r in record["rows"] if r["family"] == record["adapter"]), key=lambda r: r["steps"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, label in ((axes[0], "object_removal_rate", "object removal rate"),
                            (axes[1], "refined_iou", "refined masks M IoU")):
-        ax.plot([max(r["steps"], 1) for r in lora], [r[key] for r in lora], "o-", label="LoRA (0 steps: base model)")
+        ax.plot([max(r["steps"], 1) for r in curve], [r[key] for r in curve], "o-",
+                label=f"{record['adapter']} (0 steps: the base model)")
         for r in record["rows"]:
-            if r["family"] != "lora":
+            if r["family"] != record["adapter"]:
                 ax.axhline(r[key], ls="--", lw=1, color="C1" if r["family"] == "full" else "C2", label=r["variant"])
         ax.set_xscale("log")
         ax.set_xlabel("fine-tuning steps (0 drawn at 1)")
@@ -71,6 +74,7 @@ def write_outputs(record: dict, out: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -83,28 +87,39 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="Hydra overrides of every rerun (after --)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_finished(args.run, ("masks", "finetune", "inpaint"))
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    if not get_class(OmegaConf.load(args.run / ".hydra" / "config.yaml").inpaint.module._target_).repaints_with_model:
+        sys.exit(f"{args.run} was made with an inpainter that uses no model (inpaint=crop): give a run made with the "
+                 "model's inpainting, whose fine-tuning this script varies")
+    prepare_output(args.out)
     own = summary_of(args.run, "finetune")
-    steps = int(own["steps"])
+    adapter, steps = own["adapter"], int(own["steps"])
     record = {"date": datetime.date.today().isoformat(),
               "command": shlex.join(["python", "experiments/shapes/finetune_curve.py", *sys.argv[1:]]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "concept": concept_of(args.run),
-              "preliminary_iou": summary_of(args.run, "masks")["rows"]["preliminary_masks"]["iou"],
-              "rows": [{"variant": f"LoRA ({own['adapter']}), the experiment's recipe", "family": "lora",
-                        "steps": steps, "seconds": None, **scores(summary_of(args.run, "inpaint"))}]}
-    variants = [(f"LoRA, {n} steps" if n else "base model, no fine-tuning", "lora", n, [f"finetune.max_steps={n}"])
-                for n in args.lora_steps if n != steps]
-    full = args.full_steps or steps
-    variants += [("full fine-tuning, lr 1e-4", "full", full,
-                  ["finetune=full", "finetune.module.learning_rate=1e-4", f"finetune.max_steps={full}"]),
-                 ("M_crop (mirrored background, no inpainting model)", "crop", steps, ["inpaint=crop"])]
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "concept": concept_of(args.run),
+              "adapter": adapter,
+              "preliminary_iou": summary_of(args.run, "masks")["rows"]["preliminary_masks"]["iou"], "rows": []}
+    # the run's own recipe: its recorded result, unless extra overrides change what every rerun computes
+    if not args.extra:
+        record["rows"].append({"variant": f"{adapter}, {steps} steps (the run's own recipe)", "family": adapter,
+                               "steps": steps, "seconds": None, **scores(summary_of(args.run, "inpaint"))})
+    curve = sorted({*args.lora_steps, *([steps] if args.extra else [])} - (set() if args.extra else {steps}))
+    variants = [(f"{adapter}, {n} steps" if n else "base model, no fine-tuning", adapter, n, [f"finetune.max_steps={n}"])
+                for n in curve]
+    full = steps if args.full_steps is None else args.full_steps
+    if adapter != "full":
+        variants.append(("full fine-tuning, lr 1e-4", "full", full,
+                         ["finetune=full", "finetune.module.learning_rate=1e-4", f"finetune.max_steps={full}"]))
+    variants.append(("M_crop (mirrored background, no inpainting model)", "crop", None, ["inpaint=crop"]))
     for variant, family, n, overrides in variants:
-        # M_crop needs no fine-tuned model: it keeps the run's finetune stage; the others retrain it
-        keep = ("masks", "finetune") if family == "crop" else ("masks",)
+        # M_crop needs no fine-tuned model (stage inpaint reads only M_pre then); the others retrain it
         stages = "[inpaint]" if family == "crop" else "[finetune,inpaint]"
-        folder = args.work / f"{family}-{n}"
+        folder = args.work / (family if n is None else f"{family}-{n}")
         # the variant's settings after the extra overrides: the later value of a setting wins
-        seconds, command = rerun(args.run, folder, keep, [*args.extra, f"stages={stages}", *overrides])
+        seconds, command = rerun(args.run, folder, ("masks",), [*args.extra, f"stages={stages}", *overrides])
         row = {"variant": variant, "family": family, "steps": n, "seconds": round(seconds, 1), "command": command,
                **scores(summary_of(folder, "inpaint"))}
         record["rows"].append(row)

@@ -1,6 +1,7 @@
 """Rerun some stages of a finished run in a copy of its folder, through the command a user runs: the helper of
 this folder's sweeps (segmenter_budget.py, finetune_curve.py), so that each setting they compare differs from
-the recorded run by its overrides alone."""
+the recorded run by its overrides alone. The run's own overrides (its `.hydra/overrides.yaml`, less where
+files and logs go and which stages run) are replayed first, then the sweep's."""
 
 from __future__ import annotations
 
@@ -13,28 +14,46 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
+#: overrides of the recorded command that say where and how it ran, not what it computed
+NOT_REPLAYED = ("hydra.", "stages=", "logger=", "quiet=")
 
 
-def experiment_of(run: Path) -> list[str]:
-    """The `experiment=...` argument(s) of the command that made `run` (read from its masks stage's record)."""
-    command = json.loads((run / "masks" / "DONE.json").read_text())["command"]
-    return [a for a in shlex.split(command)[3:] if a.startswith(("experiment=", "+experiment="))]
+def require_finished(run: Path, stages: tuple[str, ...]) -> None:
+    """Exit with a message (no traceback) unless `run` is a run folder whose `stages` are finished."""
+    if not (run / ".hydra" / "overrides.yaml").is_file():
+        sys.exit(f"{run} is not a run folder made by `python -m conceptdistill` (no .hydra/overrides.yaml)")
+    missing = [stage for stage in stages if not (run / stage / "DONE.json").is_file()]
+    if missing:
+        sys.exit(f"{run} has not finished stage(s) {', '.join(missing)}: finish it first with the command that "
+                 f"made it (python -m conceptdistill hydra.run.dir={run} ...)")
+
+
+def recorded_overrides(run: Path) -> list[str]:
+    """The overrides `run` was made with (from its .hydra record), less those in NOT_REPLAYED."""
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+    return [str(o) for o in given if not str(o).lstrip("+~").startswith(NOT_REPLAYED)]
 
 
 def rerun(run: Path, work: Path, keep: tuple[str, ...], overrides: list[str]) -> tuple[float, str]:
     """Copy the stages `keep` of `run` (and its .hydra record) into a fresh `work` folder, then run
-    `python -m conceptdistill <run's experiment> hydra.run.dir=<work> logger=none quiet=true <overrides>` there.
+    `python -m conceptdistill <run's overrides> hydra.run.dir=<work> logger=none quiet=true <overrides>` there
+    (a later value of a setting wins).
 
-    Returns the command's wall-clock seconds and the command as a user would type it. Raises
-    subprocess.CalledProcessError when the command fails."""
+    Returns the command's wall-clock seconds and the command as a user would type it. Exits with the command and
+    its exit code when it fails (its own message is printed above)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for name in (".hydra", *keep):
         shutil.copytree(run / name, work / name)
-    args = [*experiment_of(run), f"hydra.run.dir={work}", "logger=none", "quiet=true", *overrides]
+    args = [*recorded_overrides(run), f"hydra.run.dir={work}", "logger=none", "quiet=true", *overrides]
+    command = shlex.join(["python", "-m", "conceptdistill", *args])
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "conceptdistill", *args], check=True, cwd=REPO)
-    return time.perf_counter() - started, shlex.join(["python", "-m", "conceptdistill", *args])
+    finished = subprocess.run([sys.executable, "-m", "conceptdistill", *args], cwd=REPO)
+    if finished.returncode:
+        sys.exit(f"this rerun failed (exit code {finished.returncode}; its message is above):\n  {command}")
+    return time.perf_counter() - started, command
 
 
 def summary_of(work: Path, stage: str) -> dict:
@@ -47,3 +66,11 @@ def concept_of(run: Path) -> str:
     from omegaconf import OmegaConf
 
     return " ".join(OmegaConf.load(run / ".hydra" / "config.yaml").concept)
+
+
+def prepare_output(out: Path) -> None:
+    """Make `out`'s folder and remove the files an earlier record left under its name, so that no old figure or
+    table stands beside new results."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".md", ".png"):
+        out.with_suffix(suffix).unlink(missing_ok=True)

@@ -9,8 +9,9 @@ the rows differ by the budget alone.
     python experiments/shapes/segmenter_budget.py --run runs/reproduce/shapes     # segmenter_budget.{json,md,png}
     python experiments/shapes/segmenter_budget.py --run runs/reproduce/shapes --budgets 400:3:32 2000:3:32
 
-A budget is written STEPS:DEPTH:SIZE (decoder widths follow the depth: 16, 32, 64, ... from the last). Extra
-arguments after `--` are Hydra overrides of every run (e.g. `segment.batch_size=64`).
+A budget is written STEPS:DEPTH:SIZE (decoder widths follow the depth: 16, 32, 64, ... from the last). The run's
+own overrides (its .hydra record) are replayed; extra arguments after `--` are Hydra overrides of every rerun on
+top of them (e.g. `segment.batch_size=64`); the budget's settings come last.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-from rerun import concept_of, rerun, summary_of  # noqa: E402
+from rerun import concept_of, prepare_output, require_finished, rerun, summary_of  # noqa: E402
 
 #: the default grid: the experiment's budget (400 steps, depth 3, 32 px) and longer, deeper, larger
 BUDGETS = ["400:3:32", "1200:3:32", "3000:3:32", "1200:4:32", "1200:3:64"]
@@ -38,7 +39,14 @@ UPSTREAM = ("masks", "finetune", "inpaint", "synthesize")
 
 
 def parse_budget(text: str) -> dict:
-    steps, depth, size = (int(v) for v in text.split(":"))
+    """STEPS:DEPTH:SIZE -> the budget; argparse reports a ValueError / ArgumentTypeError as a usage error."""
+    try:
+        steps, depth, size = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEPS:DEPTH:SIZE (three integers, e.g. 1200:3:32)") from None
+    if steps < 1 or not 1 <= depth <= 5 or size < 1 or size % 2**depth:
+        raise argparse.ArgumentTypeError(f"{text!r}: steps >= 1, encoder depth 1..5 and a size divisible by "
+                                         f"2**depth ({2**depth}) are needed")
     return {"steps": steps, "depth": depth, "size": size,
             "decoder": [16 * 2 ** i for i in reversed(range(depth))]}
 
@@ -75,49 +83,58 @@ def write_table(record: dict, out: Path) -> None:
 
 
 def write_figure(record: dict, out: Path) -> None:
+    """IoU against training steps, one line per source and (depth, size); the refined masks as a level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    base = [r for r in record["budgets"] if r["budget"]["depth"] == 3 and r["budget"]["size"] == 32]
-    for source in record["sources"]:
-        ax.plot([r["budget"]["steps"] for r in base], [100 * r["iou"][source] for r in base], "o-",
-                label=f"U-Net on {source}")
+    shapes = sorted({(r["budget"]["depth"], r["budget"]["size"]) for r in record["budgets"]})
+    for n, source in enumerate(record["sources"]):
+        for m, (depth, size) in enumerate(shapes):
+            rows = sorted((r for r in record["budgets"] if (r["budget"]["depth"], r["budget"]["size"]) == (depth, size)),
+                          key=lambda r: r["budget"]["steps"])
+            ax.plot([r["budget"]["steps"] for r in rows], [100 * r["iou"][source] for r in rows],
+                    "os^v"[m % 4] + "-", color=f"C{n}", label=f"U-Net on {source} (depth {depth}, {size} px)")
     ax.axhline(100 * record["refined_masks"], color="k", ls="--", lw=1, label="refined masks M")
     ax.set_xscale("log")
-    ax.set_xlabel("segmenter training steps (depth 3, 32 px)")
+    ax.set_xlabel("segmenter training steps")
     ax.set_ylabel("test IoU (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a shapes run finished through synthesize")
-    parser.add_argument("--budgets", nargs="+", default=BUDGETS, help="STEPS:DEPTH:SIZE each")
+    parser.add_argument("--budgets", nargs="+", type=parse_budget, default=[parse_budget(b) for b in BUDGETS],
+                        help="STEPS:DEPTH:SIZE each")
     parser.add_argument("--sources", nargs="+", default=SOURCES)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "segmenter-budget")
     parser.add_argument("--out", type=Path, default=HERE / "segmenter_budget")
     parser.add_argument("extra", nargs="*", help="Hydra overrides of every run (after --)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_finished(args.run, UPSTREAM)
+    prepare_output(args.out)
     masks = summary_of(args.run, "masks")["rows"]
     refined = summary_of(args.run, "inpaint")["rows"]["refined_masks"]["iou"]
     record = {"date": datetime.date.today().isoformat(),
               "command": shlex.join(["python", "experiments/shapes/segmenter_budget.py", *sys.argv[1:]]),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "concept": concept_of(args.run), "sources": args.sources,
               "refined_masks": refined, "preliminary_masks": masks["preliminary_masks"]["iou"], "budgets": []}
-    for text in args.budgets:
-        budget = parse_budget(text)
-        result = segment_once(args.run, args.work / text.replace(":", "-"), budget, args.sources, args.extra)
+    for budget in args.budgets:
+        name = f"{budget['steps']}-{budget['depth']}-{budget['size']}"
+        result = segment_once(args.run, args.work / name, budget, args.sources, args.extra)
         record["budgets"].append({"budget": budget, **result})
-        print(text, {s: round(100 * v, 1) for s, v in result["iou"].items()}, f"{result['seconds']:.0f} s", flush=True)
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")  # partial results survive
+        print(name, {s: round(100 * v, 1) for s, v in result["iou"].items()}, f"{result['seconds']:.0f} s", flush=True)
+        # after every budget, so that partial results survive
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         write_table(record, args.out)
-    write_figure(record, args.out)
+        write_figure(record, args.out)
 
 
 if __name__ == "__main__":
