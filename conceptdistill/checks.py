@@ -77,6 +77,19 @@ def check_settings(cfg: DictConfig) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and int(value) < 1:
             raise SettingsError(f"{key}={value}: a sampler needs at least 1 step")
+    # Lightning reads max_steps=-1 as "no limit" (then trains for 1000 epochs); 0 trains nothing (the base model)
+    for key, least in (("finetune.max_steps", 0), ("segment.max_steps", 0), ("world.max_steps", 0)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and int(value) < least:
+            raise SettingsError(f"{key}={value}: a training budget is a number of steps, at least {least}")
+    sources = OmegaConf.select(cfg, "segment.sources")
+    if sources is not None:
+        from conceptdistill.stages.segment import SOURCES
+
+        unknown = [s for s in sources if s not in SOURCES]
+        if unknown or not len(sources):
+            raise SettingsError(f"segment.sources={list(sources)}: {unknown or 'none given'}; choose from "
+                                f"{', '.join(SOURCES)}")
     image_size = OmegaConf.select(cfg, "data.image_size")
     if image_size is not None and int(image_size) < 1:
         raise SettingsError(f"data.image_size={image_size}: must be a positive number of pixels")

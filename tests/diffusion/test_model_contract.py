@@ -251,6 +251,9 @@ def test_float16_models_keep_the_vae_in_float32_where_its_config_asks(tmp_path, 
     (["masks.module.num_steps=10", "masks.module.start_step=20"], "masks.module.start_step=20"),  # ran silently with 10 steps
     (["masks.module.num_steps=2000", "masks.module.start_step=40"], "masks.module.num_steps=2000"),
     (["inpaint.module.num_steps=0"], "inpaint.module.num_steps=0"),
+    (["finetune.max_steps=-1"], "finetune.max_steps=-1"),  # Lightning's "no limit": trained for 1000 epochs
+    (["segment.max_steps=-1"], "segment.max_steps=-1"),
+    (["segment.sources=[refined,bogus]"], "segment.sources"),  # was a ValueError from the module, after masks
 ])
 def test_timestep_grid_settings_are_refused_before_any_work(tmp_path, overrides, named):
     with pytest.raises(SettingsError, match=named.replace(".", r"\.")):
