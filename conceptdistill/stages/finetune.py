@@ -17,7 +17,7 @@ from conceptdistill.modules.callbacks import LossHistory, SampleImagesCallback, 
 from conceptdistill.pipeline.artifacts import WithArtifacts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints
+from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints, resume_checkpoint
 from conceptdistill.utils.io import write_json
 
 
@@ -43,7 +43,7 @@ def run_finetune(ctx: RunContext) -> dict:
     trainer = ctx.trainer("finetune", max_steps=ft.max_steps, gradient_clip_val=ft.gradient_clip_val,
                           callbacks=callbacks, log_every_n_steps=10)
     last = checkpoints / "last.ckpt"
-    resume = last if last.exists() else None
+    resume = resume_checkpoint(last, "finetune")
     # batches and augmentations follow the step, so a resumed run trains on what an uninterrupted one would
     loader = step_loader(ctx.datamodule, dataset, batch_size=ft.batch_size, seed=cfg.seed, salt="finetune",
                          start_step=checkpoint_step(resume), trainer=trainer)

@@ -27,7 +27,7 @@ from conceptdistill.modules.segmenter import SegmentationModel
 from conceptdistill.pipeline.artifacts import SampleIds, with_output
 from conceptdistill.pipeline.context import RunContext, finish_loggers
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints
+from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints, resume_checkpoint
 from conceptdistill.utils.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def train_segmenter(ctx: RunContext, source: str) -> SegmentationModel:
     trainer = ctx.trainer(f"segment-{source}", max_steps=seg.max_steps, callbacks=[checkpoints],
                           log_every_n_steps=20, default_root_dir=str(source_dir))
     last = source_dir / "last.ckpt"
-    resume = last if last.exists() else None
+    resume = resume_checkpoint(last, f"segment-{source}")
     loader = step_loader(ctx.datamodule, training_set(ctx, source), batch_size=seg.batch_size,
                          seed=ctx.cfg.seed, salt=f"segment-{source}", start_step=checkpoint_step(resume),
                          trainer=trainer)

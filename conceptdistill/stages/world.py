@@ -27,7 +27,7 @@ from conceptdistill.evaluation import log_results
 from conceptdistill.figures import save_grid
 from conceptdistill.pipeline.context import RunContext, command_line
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints
+from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints, resume_checkpoint
 from conceptdistill.utils.io import write_json
 from conceptdistill.world.datamodule import ShapesWorldDataModule
 
@@ -130,7 +130,7 @@ def _train(ctx: RunContext, parts, folder) -> dict:
         log_every_n_steps=20, max_time=datetime.timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,
     )
     last = ctx.layout.checkpoints("world") / "last.ckpt"
-    resume = last if last.exists() else None
+    resume = resume_checkpoint(last, "world")
     loader = step_loader(ctx.datamodule, images, batch_size=world_cfg.batch_size, seed=cfg.seed, salt="world",
                          start_step=checkpoint_step(resume), trainer=trainer)
     started = time.perf_counter()

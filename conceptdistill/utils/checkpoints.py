@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -39,3 +40,15 @@ def drop_resume_checkpoint(last) -> None:
         last.parent.rmdir()
     except OSError:  # not empty (the segmenter's folder holds its result) or already gone
         pass
+
+
+def resume_checkpoint(last, what: str) -> Path | None:
+    """`last` when a killed run left it (the run resumes from it, and the log says from which step), else None.
+    `what` names the training in that line, e.g. "segment-refined"."""
+    last = Path(last)
+    if not last.exists():
+        return None
+    from conceptdistill.data.stream import checkpoint_step
+
+    logging.getLogger(__name__).info("%s: resuming from step %d (%s)", what, checkpoint_step(last), last)
+    return last

@@ -5,6 +5,7 @@ killed mid-run (SIGKILL of a child process) resumes to the uninterrupted run's w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -202,7 +203,7 @@ def state_of(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("stage", ["finetune", "segment"])
-def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(finished_run, tmp_path, stage):
+def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(finished_run, tmp_path, stage, caplog):
     original, overrides = finished_run
     budget = {"finetune": ["finetune.max_steps=30", "finetune.checkpoint_every=3"],
               "segment": ["segment.max_steps=30", "segment.checkpoint_every=3", "segment.sources=[refined]"]}[stage]
@@ -217,7 +218,12 @@ def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(fi
             assert not (run_dir / stage / "DONE.json").exists(), "the kill came too late to test a resume"
             step = torch.load(marker, weights_only=False)["global_step"]
             assert 3 <= step < 30
-        runs[name] = run(compose(settings, run_dir=run_dir))[stage]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="conceptdistill.utils.checkpoints"):
+            runs[name] = run(compose(settings, run_dir=run_dir))[stage]
+        what = {"finetune": "finetune", "segment": "segment-refined"}[stage]
+        expected = f"{what}: resuming from step {step}" if name == "killed" else "resuming"
+        assert (expected in caplog.text) == (name == "killed")
     if stage == "finetune":
         from safetensors.torch import load_file
 
