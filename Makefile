@@ -45,7 +45,7 @@ demo: $(STAMP)  ## the whole method on the shapes world, on the CPU (rerun to re
 reproduce: $(STAMP)  ## rerun the recorded experiments and refresh experiments/<name>/
 	@for name in $(EXPERIMENTS); do \
 		$(RUN) experiment=$$name hydra.run.dir=runs/reproduce/$$name logger=csv || exit 1; \
-		mkdir -p experiments/$$name && cp runs/reproduce/$$name/report/results.* runs/reproduce/$$name/report/index.html runs/reproduce/$$name/report/*.png experiments/$$name/; \
+		$(PY) experiments/record_report.py runs/reproduce/$$name experiments/$$name || exit 1; \
 	done
 
 # WORLD_ARGS="world.init_from=packaged world.max_steps=0" measures the committed model again without training it.

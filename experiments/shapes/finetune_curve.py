@@ -51,6 +51,8 @@ def write_outputs(record: dict, out: Path) -> None:
         lines.append(f"| {row['variant']} | {steps} | {row['object_removal_rate']:.3f} "
                      f"({row['removed']}/{row['judged']}) | {100 * row['refined_iou']:.1f} | {seconds} |")
     lines += ["", "Seconds: the finetune + inpaint command on this machine (compare within this table only)."]
+    if record.get("note"):
+        lines += ["", record["note"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
 
