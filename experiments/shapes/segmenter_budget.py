@@ -79,6 +79,8 @@ def write_table(record: dict, out: Path) -> None:
     lines += ["", "IoU pooled over the test split, in %. Seconds: the whole segment-stage command (training and "
               "scoring every listed source) on this machine, which was not otherwise idle-checked: compare within "
               "one table only."]
+    if record.get("note"):
+        lines += ["", record["note"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
