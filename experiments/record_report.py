@@ -1,6 +1,7 @@
 """Copy a finished run's report into experiments/<name>/ as the recorded result, replacing the previous record
 whole: the files the previous record listed (results.json's "figures", results.md, index.html) are removed
-first, so that no figure of an older run stays beside new numbers. Other files of the folder are kept.
+first, so that no figure of an older run stays beside new numbers. Other files of the folder are kept. Paths
+under this checkout in the text files are written relative to it.
 
     python experiments/record_report.py runs/reproduce/shapes experiments/shapes     # as `make reproduce` does
 """
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 RECORD = ("results.json", "results.md", "index.html")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def recorded_files(folder: Path) -> list[str]:
@@ -36,7 +38,11 @@ def record_report(run: Path, destination: Path) -> list[str]:
         (destination / name).unlink(missing_ok=True)
     copied = [name for name in recorded_files(report) if (report / name).is_file()]
     for name in copied:
-        shutil.copy2(report / name, destination / name)
+        if name in RECORD:  # paths under this checkout are written relative to it: a record names no machine's path
+            text = (report / name).read_text().replace(f"{REPO}/", "")
+            (destination / name).write_text(text)
+        else:
+            shutil.copy2(report / name, destination / name)
     return copied
 
 

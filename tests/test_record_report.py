@@ -23,10 +23,12 @@ def test_a_new_record_replaces_the_old_one_whole(tmp_path):
         record_report(tmp_path / "run", destination)
     report.mkdir(parents=True)
     (report / "results.json").write_text(json.dumps({"figures": ["masks_grid.png"]}))
-    for name in ("masks_grid.png", "results.md", "index.html", "unlisted.png"):
+    for name in ("masks_grid.png", "index.html", "unlisted.png"):
         (report / name).write_text("new")
+    (report / "results.md").write_text(f"new, run in {REPO}/runs/x")
     assert sorted(record_report(tmp_path / "run", destination)) == ["index.html", "masks_grid.png", "results.json",
                                                                    "results.md"]
     assert not (destination / "finetune_samples.png").exists()  # the old run's figure the new one lacks
-    assert (destination / "masks_grid.png").read_text() == "new" and (destination / "results.md").read_text() == "new"
+    assert (destination / "masks_grid.png").read_text() == "new"
+    assert (destination / "results.md").read_text() == "new, run in runs/x"  # relative to the checkout
     assert (destination / "world_grid.png").read_text() == "old"  # not part of the record

@@ -44,7 +44,9 @@ def run_concept(word: str, work: Path, extra: list[str]) -> tuple[dict, float, s
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "conceptdistill", *args], check=True, cwd=REPO)
     results = json.loads((work / word / "report" / "results.json").read_text())
-    return results, time.perf_counter() - started, shlex.join(["python", "-m", "conceptdistill", *args])
+    # the command as typed in the checkout (a record names no machine's path)
+    command = shlex.join(["python", "-m", "conceptdistill", *args]).replace(f"{REPO}/", "")
+    return results, time.perf_counter() - started, command
 
 
 def row_of(word: str, results: dict) -> dict:

@@ -48,7 +48,7 @@ def rerun(run: Path, work: Path, keep: tuple[str, ...], overrides: list[str]) ->
     for name in (".hydra", *keep):
         shutil.copytree(run / name, work / name)
     args = [*recorded_overrides(run), f"hydra.run.dir={work}", "logger=none", "quiet=true", *overrides]
-    command = shlex.join(["python", "-m", "conceptdistill", *args])
+    command = shlex.join(["python", "-m", "conceptdistill", *args]).replace(f"{REPO}/", "")  # as typed in the checkout
     started = time.perf_counter()
     finished = subprocess.run([sys.executable, "-m", "conceptdistill", *args], cwd=REPO)
     if finished.returncode:
