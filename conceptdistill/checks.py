@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+#: the mask sources stage segment can train a segmenter on (`segment.sources`)
+MASK_SOURCES = ("preliminary", "refined", "refined+synthetic", "truth")
+
 
 class SettingsError(ValueError):
     """A setting has a value this project cannot run with; the message names it and what is valid."""
@@ -84,12 +87,10 @@ def check_settings(cfg: DictConfig) -> DictConfig:
             raise SettingsError(f"{key}={value}: a training budget is a number of steps, at least {least}")
     sources = OmegaConf.select(cfg, "segment.sources")
     if sources is not None:
-        from conceptdistill.stages.segment import SOURCES
-
-        unknown = [s for s in sources if s not in SOURCES]
+        unknown = [s for s in sources if s not in MASK_SOURCES]
         if unknown or not len(sources):
             raise SettingsError(f"segment.sources={list(sources)}: {unknown or 'none given'}; choose from "
-                                f"{', '.join(SOURCES)}")
+                                f"{', '.join(MASK_SOURCES)}")
     image_size = OmegaConf.select(cfg, "data.image_size")
     if image_size is not None and int(image_size) < 1:
         raise SettingsError(f"data.image_size={image_size}: must be a positive number of pixels")

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import ConcatDataset, Dataset
 
+from conceptdistill.checks import MASK_SOURCES
 from conceptdistill.data.geometry import union_pixel_box
 from conceptdistill.data.masked import MaskedImages
 from conceptdistill.data.stream import checkpoint_step, step_loader
@@ -32,7 +33,7 @@ from conceptdistill.utils.seeding import sample_seed
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("preliminary", "refined", "refined+synthetic", "truth")
+SOURCES = MASK_SOURCES
 #: each source's row in the results table, with its label
 ROWS = {"unet_preliminary": "U-Net on (D, M_pre)", "unet_refined": "U-Net on (D, M)",
         "unet_refined_synthetic": "U-Net on (D, M) u D'_s", "unet_truth": "supervised U-Net (upper bound)"}
