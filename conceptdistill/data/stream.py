@@ -83,12 +83,3 @@ def step_loader(datamodule, dataset: Dataset, *, batch_size: int, seed: int, sal
     return DataLoader(stream, batch_size=batch_size, num_workers=datamodule.num_workers,
                       collate_fn=datamodule.loader(dataset).collate_fn)
 
-
-def checkpoint_step(path) -> int:
-    """The global step stored in a Lightning checkpoint (0 when `path` is None or missing)."""
-    from pathlib import Path
-
-    if path is None or not Path(path).exists():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(state.get("global_step", 0))

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 
 from conceptdistill.data.base import collate_samples
-from conceptdistill.data.stream import checkpoint_step, step_loader
+from conceptdistill.data.stream import step_loader
 from conceptdistill.modules.callbacks import LossHistory, SampleImagesCallback, loss_curve_summary
 from conceptdistill.pipeline.artifacts import WithArtifacts
 from conceptdistill.pipeline.context import RunContext
@@ -46,8 +46,8 @@ def run_finetune(ctx: RunContext) -> dict:
     resume = resume_checkpoint(last, "finetune")
     # batches and augmentations follow the step, so a resumed run trains on what an uninterrupted one would
     loader = step_loader(ctx.datamodule, dataset, batch_size=ft.batch_size, seed=cfg.seed, salt="finetune",
-                         start_step=checkpoint_step(resume), trainer=trainer)
-    trainer.fit(module, loader, ckpt_path=str(resume) if resume else None)
+                         start_step=resume.step, trainer=trainer)
+    trainer.fit(module, loader, ckpt_path=resume.ckpt_path)
     trained = sum(p.numel() for p in module.trainable_parameters())  # before export merges an inpaint9 LoRA
     weights = module.export(ctx.layout.finetuned_weights())
     write_json(folder / "loss.json", {"step_loss": history.history})

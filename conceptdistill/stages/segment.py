@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from conceptdistill.checks import MASK_SOURCES
 from conceptdistill.data.geometry import union_pixel_box
 from conceptdistill.data.masked import MaskedImages
-from conceptdistill.data.stream import checkpoint_step, step_loader
+from conceptdistill.data.stream import step_loader
 from conceptdistill.evaluation import log_results
 from conceptdistill.figures import save_grid
 from conceptdistill.metrics import mean_box_iou
@@ -94,9 +94,9 @@ def train_segmenter(ctx: RunContext, source: str) -> SegmentationModel:
     last = source_dir / "last.ckpt"
     resume = resume_checkpoint(last, f"segment-{source}")
     loader = step_loader(ctx.datamodule, training_set(ctx, source), batch_size=seg.batch_size,
-                         seed=ctx.cfg.seed, salt=f"segment-{source}", start_step=checkpoint_step(resume),
+                         seed=ctx.cfg.seed, salt=f"segment-{source}", start_step=resume.step,
                          trainer=trainer)
-    trainer.fit(model, loader, ckpt_path=str(resume) if resume else None)
+    trainer.fit(model, loader, ckpt_path=resume.ckpt_path)
     trainer.save_checkpoint(final, weights_only=True)  # the result: weights and hyper-parameters, no optimizer
     drop_resume_checkpoint(last)
     finish_loggers()  # one logger run per mask source

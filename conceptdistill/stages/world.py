@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
-from conceptdistill.data.stream import checkpoint_step, step_loader
+from conceptdistill.data.stream import step_loader
 from conceptdistill.evaluation import log_results
 from conceptdistill.figures import save_grid
 from conceptdistill.pipeline.context import RunContext, command_line
@@ -132,9 +132,9 @@ def _train(ctx: RunContext, parts, folder) -> dict:
     last = ctx.layout.checkpoints("world") / "last.ckpt"
     resume = resume_checkpoint(last, "world")
     loader = step_loader(ctx.datamodule, images, batch_size=world_cfg.batch_size, seed=cfg.seed, salt="world",
-                         start_step=checkpoint_step(resume), trainer=trainer)
+                         start_step=resume.step, trainer=trainer)
     started = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, loader, ckpt_path=resume.ckpt_path)
     train_seconds = time.perf_counter() - started
     module.apply_ema()
     parts.to(trainer.strategy.root_device)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
+import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
@@ -42,13 +44,29 @@ def drop_resume_checkpoint(last) -> None:
         pass
 
 
-def resume_checkpoint(last, what: str) -> Path | None:
-    """`last` when a killed run left it (the run resumes from it, and the log says from which step), else None.
+class Resume(NamedTuple):
+    """Where a training stage starts: `ckpt_path` for `Trainer.fit` (None: from scratch) and its global step
+    (0 from scratch), which the step-indexed data stream (data/stream.py) starts from."""
+
+    ckpt_path: str | None
+    step: int
+
+
+def checkpoint_step(path) -> int:
+    """The global step stored in a Lightning checkpoint (0 when `path` is None or missing). Memory-mapped: the
+    weights are not read."""
+    if path is None or not Path(path).exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(state.get("global_step", 0))
+
+
+def resume_checkpoint(last, what: str) -> Resume:
+    """Resume from `last` when a killed run left it (the log says from which step), else start from scratch.
     `what` names the training in that line, e.g. "segment-refined"."""
     last = Path(last)
     if not last.exists():
-        return None
-    from conceptdistill.data.stream import checkpoint_step
-
-    logging.getLogger(__name__).info("%s: resuming from step %d (%s)", what, checkpoint_step(last), last)
-    return last
+        return Resume(None, 0)
+    step = checkpoint_step(last)
+    logging.getLogger(__name__).info("%s: resuming from step %d (%s)", what, step, last)
+    return Resume(str(last), step)
