@@ -15,11 +15,7 @@ Extra arguments after `--` are Hydra overrides of every run (they are recorded w
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -28,6 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+from rerun import record_header, sweep_parser  # noqa: E402
 
 CONCEPTS = ["circle", "square", "triangle", "red"]
 LADDER = [("preliminary_masks", "M_pre"), ("refined_masks", "M"), ("unet_preliminary", "U-Net (D, M_pre)"),
@@ -85,13 +83,9 @@ def write_table(record: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sweep_parser(__doc__, "concepts", run_help=None)
     parser.add_argument("--concepts", nargs="+", default=CONCEPTS)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "concepts")
-    parser.add_argument("--out", type=Path, default=HERE / "concepts")
-    parser.add_argument("extra", nargs="*", help="Hydra overrides of every run (after --)")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not any(a.lstrip("+~").startswith("data") for a in args.extra):  # the world's own words, checked up front
         sys.path.insert(0, str(REPO))
         from conceptdistill.world.render import WorldConfig
@@ -100,9 +94,7 @@ def main() -> None:
         if unknown:
             parser.error(f"{unknown} are not shapes or colours of the shapes world: {', '.join(WorldConfig().words)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"date": datetime.date.today().isoformat(),
-              "command": shlex.join(["python", "experiments/shapes/concepts.py", *sys.argv[1:]]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "rows": []}
+    record = {**record_header("concepts.py"), "rows": []}
     for word in args.concepts:
         results, seconds, command = run_concept(word, args.work, args.extra)
         row = {**row_of(word, results), "command": command, "wall_seconds": round(seconds, 1)}

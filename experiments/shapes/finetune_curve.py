@@ -18,18 +18,21 @@ overrides of every rerun on top of them; each variant's settings come last.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from rerun import concept_of, prepare_output, require_finished, rerun, summary_of  # noqa: E402
+from rerun import (  # noqa: E402
+    concept_of,
+    prepare_output,
+    record_header,
+    require_finished,
+    rerun,
+    summary_of,
+    sweep_parser,
+)
 
 
 def scores(summary: dict) -> dict:
@@ -80,15 +83,10 @@ def write_outputs(record: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="a finished shapes run (masks, finetune, inpaint)")
+    parser = sweep_parser(__doc__, "finetune_curve", run_help="a finished shapes run (masks, finetune, inpaint)")
     parser.add_argument("--lora-steps", nargs="+", type=int, default=[0, 100, 1000])
     parser.add_argument("--full-steps", type=int, default=None, help="default: the run's finetune.max_steps")
-    parser.add_argument("--work", type=Path, default=HERE.parent.parent / "runs" / "finetune-curve")
-    parser.add_argument("--out", type=Path, default=HERE / "finetune_curve")
-    parser.add_argument("extra", nargs="*", help="Hydra overrides of every rerun (after --)")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     require_finished(args.run, ("masks", "finetune", "inpaint"))
     from hydra.utils import get_class
     from omegaconf import OmegaConf
@@ -99,9 +97,7 @@ def main() -> None:
     prepare_output(args.out)
     own = summary_of(args.run, "finetune")
     adapter, steps = own["adapter"], int(own["steps"])
-    record = {"date": datetime.date.today().isoformat(),
-              "command": shlex.join(["python", "experiments/shapes/finetune_curve.py", *sys.argv[1:]]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "concept": concept_of(args.run),
+    record = {**record_header("finetune_curve.py"), "concept": concept_of(args.run),
               "adapter": adapter,
               "preliminary_iou": summary_of(args.run, "masks")["rows"]["preliminary_masks"]["iou"], "rows": []}
     # the run's own recipe: its recorded result, unless extra overrides change what every rerun computes

@@ -1,11 +1,16 @@
 """Rerun some stages of a finished run in a copy of its folder, through the command a user runs: the helper of
-this folder's sweeps (segmenter_budget.py, finetune_curve.py), so that each setting they compare differs from
-the recorded run by its overrides alone. The run's own overrides (its `.hydra/overrides.yaml`, less where
-files and logs go and which stages run) are replayed first, then the sweep's."""
+this folder's sweeps (segmenter_budget.py, finetune_curve.py, concepts.py), so that each setting they compare
+differs from the recorded run by its overrides alone. The run's own overrides (its `.hydra/overrides.yaml`, less
+where files and logs go and which stages run) are replayed first, then the sweep's. Also the sweeps' shared
+command line (`sweep_parser`) and record header (`record_header`)."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
+import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -13,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
 #: overrides of the recorded command that say where and how it ran, not what it computed
 NOT_REPLAYED = ("hydra.", "stages=", "logger=", "quiet=")
 
@@ -74,3 +80,25 @@ def prepare_output(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".json", ".md", ".png"):
         out.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def sweep_parser(doc: str, name: str, run_help: str | None) -> argparse.ArgumentParser:
+    """The options every sweep takes: `--run` (a finished run to vary; omitted when `run_help` is None),
+    `--work` (its rerun folders, runs/<name>), `--out` (its record's stem, experiments/shapes/<name>) and Hydra
+    overrides of every rerun after `--`. Also sets HF_HUB_OFFLINE (nothing is downloaded)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if run_help is not None:
+        parser.add_argument("--run", type=Path, required=True, help=run_help)
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / name.replace("_", "-"),
+                        help="where the reruns go (replaced)")
+    parser.add_argument("--out", type=Path, default=HERE / name, help="the record's path without suffix")
+    parser.add_argument("extra", nargs="*", help="Hydra overrides of every rerun (after --)")
+    return parser
+
+
+def record_header(script: str) -> dict:
+    """The head of a sweep's record: today's date, the command as typed in the checkout, the machine."""
+    return {"date": datetime.date.today().isoformat(),
+            "command": shlex.join(["python", f"experiments/shapes/{script}", *sys.argv[1:]]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}

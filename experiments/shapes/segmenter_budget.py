@@ -17,18 +17,21 @@ top of them (e.g. `segment.batch_size=64`); the budget's settings come last.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-from rerun import concept_of, prepare_output, require_finished, rerun, summary_of  # noqa: E402
+from rerun import (  # noqa: E402
+    concept_of,
+    prepare_output,
+    record_header,
+    require_finished,
+    rerun,
+    summary_of,
+    sweep_parser,
+)
 
 #: the default grid: the experiment's budget (400 steps, depth 3, 32 px) and longer, deeper, larger
 BUDGETS = ["400:3:32", "1200:3:32", "3000:3:32", "1200:4:32", "1200:3:64"]
@@ -110,23 +113,16 @@ def write_figure(record: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="a shapes run finished through synthesize")
+    parser = sweep_parser(__doc__, "segmenter_budget", run_help="a shapes run finished through synthesize")
     parser.add_argument("--budgets", nargs="+", type=parse_budget, default=[parse_budget(b) for b in BUDGETS],
                         help="STEPS:DEPTH:SIZE each")
     parser.add_argument("--sources", nargs="+", default=SOURCES)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "segmenter-budget")
-    parser.add_argument("--out", type=Path, default=HERE / "segmenter_budget")
-    parser.add_argument("extra", nargs="*", help="Hydra overrides of every run (after --)")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     require_finished(args.run, UPSTREAM)
     prepare_output(args.out)
     masks = summary_of(args.run, "masks")["rows"]
     refined = summary_of(args.run, "inpaint")["rows"]["refined_masks"]["iou"]
-    record = {"date": datetime.date.today().isoformat(),
-              "command": shlex.join(["python", "experiments/shapes/segmenter_budget.py", *sys.argv[1:]]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "concept": concept_of(args.run), "sources": args.sources,
+    record = {**record_header("segmenter_budget.py"), "concept": concept_of(args.run), "sources": args.sources,
               "refined_masks": refined, "preliminary_masks": masks["preliminary_masks"]["iou"], "budgets": []}
     for budget in args.budgets:
         name = f"{budget['steps']}-{budget['depth']}-{budget['size']}"
