@@ -60,6 +60,14 @@ def concept_words(value) -> list[str]:
     return [w.strip() for w in words]
 
 
+def _inpainter_repaints(cfg: DictConfig) -> bool:
+    """Whether `inpaint.module` repaints with the diffusion model (not the M_crop baseline)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "inpaint.module._target_")
+    return target is None or getattr(get_class(target), "repaints_with_model", True)
+
+
 def check_settings(cfg: DictConfig) -> DictConfig:
     """Validate `cfg` and return it with `concept` normalised to a list of words.
 
@@ -78,6 +86,8 @@ def check_settings(cfg: DictConfig) -> DictConfig:
                                 "the paper) or output (ConceptAttention, SD 3 / 3.5 and FLUX)")
     for key in ("inpaint.module.num_steps", "synthesize.module.num_steps", "finetune.sample_steps"):
         value = OmegaConf.select(cfg, key)
+        if key.startswith("inpaint.") and not _inpainter_repaints(cfg):
+            continue  # M_crop (inpaint=crop) runs no sampler: its num_steps is ignored
         if value is not None and int(value) < 1:
             raise SettingsError(f"{key}={value}: a sampler needs at least 1 step")
     # Lightning reads max_steps=-1 as "no limit" (then trains for 1000 epochs); 0 trains nothing (the base model)

@@ -22,35 +22,24 @@ if TYPE_CHECKING:
     from conceptdistill.diffusion.parts import DiffusionParts
 
 
-class BackgroundInpainter(pl.LightningModule):
-    """predict_step: images + M_pre -> per image the background B and the refined mask M."""
+class MaskRefiner(pl.LightningModule):
+    """predict_step: images + M_pre -> per image the background B and the refined mask M.
 
-    #: it repaints with the fine-tuned model: stage inpaint reads stage finetune's weights
+    The refinement (maskmath.refine_mask) is shared; where B comes from is a subclass's `backgrounds`: the
+    fine-tuned model's inpainting (BackgroundInpainter) or the image's own mirrored background (MirrorInpainter).
+    """
+
+    #: whether B is painted by the fine-tuned model: then stage inpaint reads stage finetune's weights
     repaints_with_model: ClassVar[bool] = True
 
-    def __init__(
-        self, parts: DiffusionParts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str | None = "",
-        filter_size: int = 3, close_holes: bool = False, closing_size: int = 3, seed: int = 0,
-    ) -> None:
+    def __init__(self, *, filter_size: int = 3, close_holes: bool = False, closing_size: int = 3, seed: int = 0) -> None:
         super().__init__()
-        self.parts = parts
-        register_parts(self, parts)
-        self.prompt, self.num_steps, self.guidance_scale = prompt, num_steps, guidance_scale
-        self.negative_prompt = negative_prompt or ""  # null in a config: plain guidance
         self.filter_size, self.close_holes, self.closing_size, self.seed = filter_size, close_holes, closing_size, seed
-        # a grid that cannot work fails before any image (checked at the native size; grids hardly depend on it)
-        parts.sampler(num_steps, parts.latent_shape_for(parts.native_image_size), "inpaint.module.num_steps")
 
-    @torch.no_grad()
     def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:
-        """Inpaint the M_pre region of each image; returns backgrounds (B, 3, H, W) in [0, 1]."""
-        latents = self.parts.encode_images(images.to(self.device))
-        unknown = prelim_masks.to(self.device, latents.dtype)[:, None]
-        painted = inpaint_latents(
-            self.parts, latents, unknown, [self.prompt] * len(ids), sample_generators(self.seed, ids, "inpaint"),
-            steps=self.num_steps, guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt,
-        )
-        return self.parts.decode_latents(painted).float()
+        """Backgrounds B (B, 3, H, W) in [0, 1] of images (B, 3, H, W) in [0, 1] without their M_pre region
+        (prelim_masks (B, h, w) bool at latent resolution)."""
+        raise NotImplementedError
 
     def refine(self, image: np.ndarray, background: np.ndarray, prelim_mask: np.ndarray) -> np.ndarray:
         """Refined mask of one image; arrays are (H, W, 3) images and the (h, w) latent-resolution M_pre."""
@@ -72,7 +61,33 @@ class BackgroundInpainter(pl.LightningModule):
         return self.inpaint_and_refine(batch["image"], batch["prelim_mask"], batch["id"])
 
 
-class MirrorInpainter(BackgroundInpainter):
+class BackgroundInpainter(MaskRefiner):
+    """The paper's inpainter: the fine-tuned model repaints the M_pre region with the background prompt."""
+
+    def __init__(
+        self, parts: DiffusionParts, *, prompt: str, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str | None = "",
+        filter_size: int = 3, close_holes: bool = False, closing_size: int = 3, seed: int = 0,
+    ) -> None:
+        super().__init__(filter_size=filter_size, close_holes=close_holes, closing_size=closing_size, seed=seed)
+        self.parts = parts
+        register_parts(self, parts)
+        self.prompt, self.num_steps, self.guidance_scale = prompt, num_steps, guidance_scale
+        self.negative_prompt = negative_prompt or ""  # null in a config: plain guidance
+        # a grid that cannot work fails before any image (checked at the native size; grids hardly depend on it)
+        parts.sampler(num_steps, parts.latent_shape_for(parts.native_image_size), "inpaint.module.num_steps")
+
+    @torch.no_grad()
+    def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:
+        latents = self.parts.encode_images(images.to(self.device))
+        unknown = prelim_masks.to(self.device, latents.dtype)[:, None]
+        painted = inpaint_latents(
+            self.parts, latents, unknown, [self.prompt] * len(ids), sample_generators(self.seed, ids, "inpaint"),
+            steps=self.num_steps, guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt,
+        )
+        return self.parts.decode_latents(painted).float()
+
+
+class MirrorInpainter(MaskRefiner):
     """The simple-inpainting baseline M_crop: no diffusion model repaints the object region; the image's own
     background, flipped into the object's place (maskmath.mirrored_background), is B, and the refinement is
     the same (config `inpaint=crop`). Shows what the fine-tuned model's inpainting adds over a copy.
@@ -87,8 +102,7 @@ class MirrorInpainter(BackgroundInpainter):
 
     def __init__(self, parts: DiffusionParts | None = None, *, filter_size: int = 3, close_holes: bool = False,
                  closing_size: int = 3, seed: int = 0, **sampler_settings: Any) -> None:
-        pl.LightningModule.__init__(self)
-        self.filter_size, self.close_holes, self.closing_size, self.seed = filter_size, close_holes, closing_size, seed
+        super().__init__(filter_size=filter_size, close_holes=close_holes, closing_size=closing_size, seed=seed)
 
     @torch.no_grad()
     def backgrounds(self, images: torch.Tensor, prelim_masks: torch.Tensor, ids: list[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from conceptdistill.utils.seeding import sample_generators
 
 if TYPE_CHECKING:
     from conceptdistill.diffusion.parts import DiffusionParts
-    from conceptdistill.modules.inpainter import BackgroundInpainter
+    from conceptdistill.modules.inpainter import MaskRefiner
     from conceptdistill.modules.masker import AttentionMaskGenerator
 
 
@@ -35,7 +35,7 @@ class SyntheticIds(SampleIds):
 class SyntheticSetGenerator(pl.LightningModule):
     """predict_step: ids -> (image, M_pre, background, mask, foreground) per id."""
 
-    def __init__(self, parts: DiffusionParts, masker: AttentionMaskGenerator, inpainter: BackgroundInpainter, *, prompt: str, negative_prompt: str, num_steps: int,
+    def __init__(self, parts: DiffusionParts, masker: AttentionMaskGenerator, inpainter: MaskRefiner, *, prompt: str, negative_prompt: str, num_steps: int,
                  guidance_scale: float, image_size: int, seed: int) -> None:
         super().__init__()
         self.parts = parts

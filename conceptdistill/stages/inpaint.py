@@ -10,6 +10,7 @@ from __future__ import annotations
 from hydra.utils import get_class, instantiate
 
 from conceptdistill.evaluation import evaluate_inpaint_stage
+from conceptdistill.modules.inpainter import MaskRefiner
 from conceptdistill.pipeline.artifacts import SampleWriter, WithArtifacts, pending, split_counts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
@@ -17,21 +18,23 @@ from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 SETTINGS = ("seed", "prompts", "diffusion", "data", "splits", "inpaint", *PREDICTION_HARDWARE)
 
 
-def _repaints(cfg) -> bool:
-    return get_class(cfg.inpaint.module._target_).repaints_with_model
+def _inpainter_class(cfg) -> type[MaskRefiner]:
+    """The class `inpaint.module` names (not instantiated: that needs the model)."""
+    return get_class(cfg.inpaint.module._target_)
 
 
 def inpaint_inputs(cfg) -> tuple[str, ...]:
     """M_pre always; the fine-tuned weights when the inpainter repaints with them (not the M_crop baseline)."""
-    return ("finetune", "masks") if _repaints(cfg) else ("masks",)
+    return ("finetune", "masks") if _inpainter_class(cfg).repaints_with_model else ("masks",)
 
 
 def inpaint_settings(cfg) -> tuple[str, ...]:
     """Everything under `inpaint` for a repainting inpainter; for one that needs no model (M_crop) only the
     module keys it declares, so that the sampler's settings and the prompts do not redo it."""
-    if _repaints(cfg):
+    inpainter = _inpainter_class(cfg)
+    if inpainter.repaints_with_model:
         return SETTINGS
-    own = get_class(cfg.inpaint.module._target_).settings
+    own = inpainter.settings
     return (*(s for s in SETTINGS if s not in ("prompts", "inpaint")), "inpaint.batch_size",
             "inpaint.figure_samples", *(f"inpaint.module.{key}" for key in own))
 
@@ -44,7 +47,7 @@ def inpaint_settings(cfg) -> tuple[str, ...]:
 )
 def run_inpaint(ctx: RunContext) -> dict:
     cfg = ctx.cfg
-    parts = ctx.load_parts(finetuned=True) if _repaints(cfg) else None
+    parts = ctx.load_parts(finetuned=True) if _inpainter_class(cfg).repaints_with_model else None
     module = instantiate(cfg.inpaint.module, _convert_="all")(parts)
     summary: dict = {}
     for split in cfg.splits:

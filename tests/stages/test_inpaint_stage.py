@@ -304,6 +304,13 @@ def test_the_crop_baseline_fills_the_object_region_from_the_image_itself(inpaint
     assert complete() and complete("inpaint.module.num_steps=7", "prompts.background=a photo of grass",
                                    "finetune.max_steps=5", "inpaint.module.guidance_scale=3")
     assert not complete("inpaint.module.filter_size=5") and not complete("inpaint.module.seed=9")
+    # nor does the settings check refuse a sampler setting it ignores (the model's inpainter still refuses it)
+    from conceptdistill.checks import SettingsError, check_settings
+
+    no_sampler = [f"diffusion.path={cfg.diffusion.path}", *TINY_INPAINT_RUN, "inpaint.module.num_steps=0"]
+    check_settings(compose([*no_sampler, "inpaint=crop"], run_dir=fresh))
+    with pytest.raises(SettingsError, match=r"inpaint\.module\.num_steps=0"):
+        check_settings(compose(no_sampler, run_dir=fresh))
 
 
 # --------------------------------------------------------------------------------------------------
