@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             )
             retired = ctx.retire_stale_stages()
             # the report shows stages that declare rows or figures; others (export, predict) leave it valid
-            ran_producing = ran_producing or bool(spec.rows or spec.figures or retired)
+            ran_producing = ran_producing or bool(spec.rows_for(cfg) or spec.figures or retired)
         ctx.summaries[stage] = summary
         log.info("%s: done in %.0f s%s", name, seconds, one_line(summary))
     report = ctx.layout.stage_dir("report")

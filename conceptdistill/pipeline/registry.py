@@ -12,7 +12,8 @@ A declaration names what the stage's results depend on, and the runner derives e
 - ``uses_model``: the stage reads the diffusion model's weights; the fingerprint covers their content;
 - ``always_run`` (cheap summaries such as `report`) and ``reads_data`` (the data set is checked before any
   stage runs);
-- ``rows`` (results-table rows the stage's summary holds under "rows", with their labels), ``scalars`` (results
+- ``rows`` (results-table rows the stage's summary holds under "rows", with their labels, or a function of the
+  config giving them, for a label that names a setting), ``scalars`` (results
   beside the table the summary holds under "scalars": a number, or a record {"value": number, counts...}, with
   their labels; a stage that cannot measure one leaves it out, and the report then shows nothing for it, not
   0) and ``figures`` (report figure name -> a glob under the stage's folder): the report collects all three
@@ -68,7 +69,7 @@ class StageSpec:
     uses_model: bool = False
     always_run: bool = False
     reads_data: bool = True
-    rows: tuple[tuple[str, str], ...] = ()
+    rows: tuple[tuple[str, str], ...] | Callable[[Any], dict[str, str]] = ()
     scalars: tuple[tuple[str, str], ...] = ()
     figures: tuple[tuple[str, str], ...] = ()
 
@@ -77,6 +78,10 @@ class StageSpec:
 
     def inputs_for(self, cfg) -> tuple[str, ...]:
         return tuple(self.inputs(cfg) if callable(self.inputs) else self.inputs)
+
+    def rows_for(self, cfg) -> tuple[tuple[str, str], ...]:
+        """(key in the summary's "rows", label in the results table) of this stage under `cfg`."""
+        return tuple(self.rows(cfg).items()) if callable(self.rows) else self.rows
 
     @property
     def run(self) -> Callable[[Any], dict]:
@@ -88,7 +93,7 @@ _REGISTRY: dict[str, StageSpec] = {}
 
 def register_stage(
     name: str, *, settings, inputs=(), uses_model: bool = False, always_run: bool = False,
-    reads_data: bool = True, rows: dict[str, str] | None = None, scalars: dict[str, str] | None = None,
+    reads_data: bool = True, rows: dict[str, str] | Callable[[Any], dict[str, str]] | None = None, scalars: dict[str, str] | None = None,
     figures: dict[str, str] | None = None,
 ):
     """Decorator for a stage's run function ``run(ctx) -> dict`` (see the module docstring for the arguments).
@@ -102,7 +107,7 @@ def register_stage(
             name=name, module=function.__module__, function=function.__name__,
             settings=settings if callable(settings) else tuple(settings),
             inputs=inputs, uses_model=uses_model, always_run=always_run, reads_data=reads_data,
-            rows=tuple((rows or {}).items()), scalars=tuple((scalars or {}).items()),
+            rows=rows if callable(rows) else tuple((rows or {}).items()), scalars=tuple((scalars or {}).items()),
             figures=tuple((figures or {}).items()),
         )
         known = _REGISTRY.get(name)

@@ -35,7 +35,7 @@ def git_commit() -> str | None:
 
 def table_rows(cfg) -> list[tuple[str, str]]:
     """(key in results.json, label in results.md) of every stage's rows, in the pipeline's order."""
-    return [row for stage in pipeline_order(cfg) for row in stage_spec(stage).rows]
+    return [row for stage in pipeline_order(cfg) for row in stage_spec(stage).rows_for(cfg)]
 
 
 def declared_scalars(cfg) -> list[tuple[str, str]]:

@@ -272,6 +272,11 @@ def test_the_crop_baseline_fills_the_object_region_from_the_image_itself(inpaint
     assert crop_cfg.inpaint.module._target_.endswith("MirrorInpainter")
     crop = run(crop_cfg)["inpaint"]
     assert crop["test"]["images"] == 4 and "refined_masks" in crop["rows"]
+    # the results table names the baseline, never passes it off as the method's M
+    from conceptdistill.stages.report import table_rows
+
+    assert dict(table_rows(crop_cfg))["refined_masks"].startswith("refined masks M_crop")
+    assert dict(table_rows(cfg))["refined_masks"] == "refined masks M"
     layout = RunLayout(copy)
     assert (copy / "inpaint" / "FINGERPRINT").read_text() != (run_dir / "inpaint" / "FINGERPRINT").read_text()
     data = instantiate(cfg.data)
