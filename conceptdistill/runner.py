@@ -67,7 +67,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         finally:
             ctx.cfg = cfg
             finish_loggers()
-        seconds = time.perf_counter() - started
+        # a resumed training stage reports the seconds its killed runs trained (utils.checkpoints.TrainingClock)
+        seconds = time.perf_counter() - started + float(summary.get("seconds_before_resume", 0.0))
         ctx.forget_fingerprints()  # e.g. `world` has just replaced the model that later stages read
         if not spec.always_run:  # an always-run stage is never skipped, and may write outside the run folder
             inputs = {read: ctx.fingerprint(read) for read in spec.inputs_for(cfg)}

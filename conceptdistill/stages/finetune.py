@@ -17,7 +17,12 @@ from conceptdistill.modules.callbacks import LossHistory, SampleImagesCallback, 
 from conceptdistill.pipeline.artifacts import WithArtifacts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints, resume_checkpoint
+from conceptdistill.utils.checkpoints import (
+    TrainingClock,
+    drop_resume_checkpoint,
+    resumable_checkpoints,
+    resume_checkpoint,
+)
 from conceptdistill.utils.io import write_json
 
 
@@ -35,8 +40,9 @@ def run_finetune(ctx: RunContext) -> dict:
     examples = collate_samples([dataset[i] for i in range(min(ft.sample_count, len(dataset)))])
     history = LossHistory()
     checkpoints = ctx.layout.checkpoints("finetune")
+    clock = TrainingClock()
     callbacks = [
-        resumable_checkpoints(checkpoints, ft.checkpoint_every),
+        resumable_checkpoints(checkpoints, ft.checkpoint_every), clock,
         SampleImagesCallback(folder / "samples", examples, every=ft.sample_every, steps=ft.sample_steps, seed=cfg.seed),
         history,
     ]
@@ -55,4 +61,4 @@ def run_finetune(ctx: RunContext) -> dict:
     return {"adapter": module.hparams.adapter, "steps": int(trainer.global_step),
             "weights": str(weights.relative_to(ctx.run_dir)),
             "trainable_parameters": trained,
-            **loss_curve_summary(history.history)}
+            **loss_curve_summary(history.history), **clock.summary()}

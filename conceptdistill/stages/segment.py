@@ -28,7 +28,12 @@ from conceptdistill.modules.segmenter import SegmentationModel
 from conceptdistill.pipeline.artifacts import SampleIds, with_output
 from conceptdistill.pipeline.context import RunContext, finish_loggers
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints, resume_checkpoint
+from conceptdistill.utils.checkpoints import (
+    TrainingClock,
+    drop_resume_checkpoint,
+    resumable_checkpoints,
+    resume_checkpoint,
+)
 from conceptdistill.utils.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -76,20 +81,22 @@ def segment_inputs(cfg) -> tuple[str, ...]:
     return tuple(stage for stage in ("masks", "inpaint", "synthesize") if stage in needed)
 
 
-def train_segmenter(ctx: RunContext, source: str) -> SegmentationModel:
-    """Train (or resume, or load when finished) the segmenter of one mask source."""
+def train_segmenter(ctx: RunContext, source: str) -> tuple[SegmentationModel, float]:
+    """Train (or resume, or load when finished) the segmenter of one mask source; also the seconds trained by
+    earlier, killed runs of it (0.0 unless resumed)."""
     seg = ctx.cfg.segment
     source_dir = ctx.layout.segmenter_dir(source)
     final = ctx.layout.segmenter_checkpoint(source)
     if final.exists():
-        return SegmentationModel.load_from_checkpoint(final)
+        return SegmentationModel.load_from_checkpoint(final), 0.0
     # Initial weights from (seed, source) alone, never from what ran earlier in the process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(ctx.cfg.seed, source, "segment-init"))
         # the training size travels with the weights: a checkpoint alone says how to prepare new images
         model = instantiate(seg.module, image_size=int(seg.image_size), _convert_="all")
     checkpoints = resumable_checkpoints(source_dir, seg.checkpoint_every)
-    trainer = ctx.trainer(f"segment-{source}", max_steps=seg.max_steps, callbacks=[checkpoints],
+    clock = TrainingClock()
+    trainer = ctx.trainer(f"segment-{source}", max_steps=seg.max_steps, callbacks=[checkpoints, clock],
                           log_every_n_steps=20, default_root_dir=str(source_dir))
     last = source_dir / "last.ckpt"
     resume = resume_checkpoint(last, f"segment-{source}")
@@ -100,7 +107,7 @@ def train_segmenter(ctx: RunContext, source: str) -> SegmentationModel:
     trainer.save_checkpoint(final, weights_only=True)  # the result: weights and hyper-parameters, no optimizer
     drop_resume_checkpoint(last)
     finish_loggers()  # one logger run per mask source
-    return model
+    return model, clock.earlier
 
 
 @register_stage(
@@ -112,12 +119,13 @@ def run_segment(ctx: RunContext) -> dict:
     seg = ctx.cfg.segment
     test = MaskedImages(ctx.datamodule.dataset("test"), None, size=seg.image_size, augment=False) \
         if ctx.datamodule.truth else None
-    rows, figure_columns = {}, {}
+    rows, figure_columns, earlier = {}, {}, 0.0
     for source in seg.sources:
         if source == "truth" and ctx.datamodule.truth != "mask":
             log.info("segment: no ground-truth masks, skipping the supervised upper bound")
             continue
-        model = train_segmenter(ctx, source)
+        model, seconds_before_resume = train_segmenter(ctx, source)
+        earlier += seconds_before_resume
         if test is not None:
             tester = ctx.trainer(f"segment-{source}", logger=False, default_root_dir=str(ctx.layout.segmenter_dir(source)))
             scores = tester.test(model, ctx.datamodule.loader(test, batch_size=seg.batch_size), verbose=False)[0]
@@ -127,7 +135,7 @@ def run_segment(ctx: RunContext) -> dict:
                 row["iou_mask_vs_box"] = row["iou"]
                 row["iou_box"] = box_iou_of(model, ctx.datamodule.loader(test, batch_size=seg.batch_size))
             figure_columns[source] = _predictions(model, test, seg.figure_samples)
-    summary = {"rows": rows}
+    summary = {"rows": rows, **({"seconds_before_resume": round(earlier, 2)} if earlier else {})}
     figures = {}
     if figure_columns:
         samples = [test[i] for i in range(min(seg.figure_samples, len(test)))]

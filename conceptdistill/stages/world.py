@@ -27,7 +27,12 @@ from conceptdistill.evaluation import log_results
 from conceptdistill.figures import save_grid
 from conceptdistill.pipeline.context import RunContext, command_line
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
-from conceptdistill.utils.checkpoints import drop_resume_checkpoint, resumable_checkpoints, resume_checkpoint
+from conceptdistill.utils.checkpoints import (
+    TrainingClock,
+    drop_resume_checkpoint,
+    resumable_checkpoints,
+    resume_checkpoint,
+)
 from conceptdistill.utils.io import write_json
 from conceptdistill.world.datamodule import ShapesWorldDataModule
 
@@ -125,8 +130,9 @@ def _train(ctx: RunContext, parts, folder) -> dict:
     pl.seed_everything(cfg.seed, workers=True)  # the data order too, so a rerun trains the same model
     images = ctx.datamodule.caption_dataset(world_cfg.num_images)
     checkpoints = resumable_checkpoints(ctx.layout.checkpoints("world"), world_cfg.checkpoint_every)
+    clock = TrainingClock()
     trainer = ctx.trainer(
-        "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints],
+        "world", max_steps=world_cfg.max_steps, gradient_clip_val=world_cfg.gradient_clip_val, callbacks=[checkpoints, clock],
         log_every_n_steps=20, max_time=datetime.timedelta(minutes=world_cfg.max_minutes) if world_cfg.get("max_minutes") else None,
     )
     last = ctx.layout.checkpoints("world") / "last.ckpt"
@@ -141,7 +147,8 @@ def _train(ctx: RunContext, parts, folder) -> dict:
     return {
         "final_loss": float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan")))),
         "steps": int(trainer.global_step),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(clock.earlier + train_seconds, 1),  # with the killed runs' part, when resumed
+        **clock.summary(),
         "device": str(trainer.strategy.root_device),
         "command": command_line(),
         "seed": cfg.seed,

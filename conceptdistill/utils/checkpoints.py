@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Callback
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -42,6 +44,28 @@ def drop_resume_checkpoint(last) -> None:
         last.parent.rmdir()
     except OSError:  # not empty (the segmenter's folder holds its result) or already gone
         pass
+
+
+class TrainingClock(Callback):
+    """Seconds of training across the runs of one training: the resume checkpoint keeps the seconds trained
+    before it was written, so that a resumed stage reports its whole training time (`earlier` after `fit`
+    starts: the seconds of the killed runs up to their last checkpoint; 0.0 when not resumed)."""
+
+    def __init__(self) -> None:
+        self.earlier, self._started = 0.0, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.earlier + (time.perf_counter() - self._started if self._started is not None else 0.0)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.earlier = float(state_dict["seconds"])
+
+    def summary(self) -> dict:
+        """{"seconds_before_resume": s} for a resumed training (the runner adds it to the stage's seconds), else {}."""
+        return {"seconds_before_resume": round(self.earlier, 2)} if self.earlier else {}
 
 
 class Resume(NamedTuple):

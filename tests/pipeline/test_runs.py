@@ -224,6 +224,10 @@ def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(fi
         what = {"finetune": "finetune", "segment": "segment-refined"}[stage]
         expected = f"{what}: resuming from step {step}" if name == "killed" else "resuming"
         assert (expected in caplog.text) == (name == "killed")
+        # the stage's seconds include what the killed run trained before its last checkpoint
+        done = json.loads((run_dir / stage / "DONE.json").read_text())
+        earlier = runs[name].get("seconds_before_resume", 0.0)
+        assert (earlier > 0) == (name == "killed") and done["seconds"] >= earlier
     if stage == "finetune":
         from safetensors.torch import load_file
 
@@ -287,6 +291,11 @@ def test_world_training_interrupted_after_a_checkpoint_resumes_to_the_same_model
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = (load_file(tmp_path / name / "world/pipeline" / part) for name in ("uninterrupted", "resumed"))
         assert all(torch.equal(a[k], b[k]) for k in a), part
+    # the training record counts the crashed run's seconds up to its checkpoint
+    record = json.loads((tmp_path / "resumed/world/DONE.json").read_text())
+    assert 0 < record["summary"]["seconds_before_resume"] <= record["summary"]["train_seconds"]
+    assert record["seconds"] >= record["summary"]["seconds_before_resume"]
+    assert "seconds_before_resume" not in json.loads((tmp_path / "uninterrupted/world/DONE.json").read_text())["summary"]
 
 
 def test_extra_trainer_arguments_and_replaced_data_files_invalidate_work(finished_run, tmp_path):
