@@ -30,6 +30,7 @@ from rerun import (  # noqa: E402
     record_header,
     require_finished,
     rerun,
+    stage_seconds,
     summary_of,
     sweep_parser,
 )
@@ -117,7 +118,9 @@ def main() -> None:
         stages = "[inpaint]" if family == "crop" else "[finetune,inpaint]"
         folder = args.work / (family if n is None else f"{family}-{n}")
         # the variant's settings after the extra overrides: the later value of a setting wins
-        seconds, command = rerun(args.run, folder, ("masks",), [*args.extra, f"stages={stages}", *overrides])
+        _, command = rerun(args.run, folder, ("masks",), [*args.extra, f"stages={stages}", *overrides],
+                           reuse=args.reuse)
+        seconds = stage_seconds(folder, ("inpaint",) if family == "crop" else ("finetune", "inpaint"))
         row = {"variant": variant, "family": family, "steps": n, "seconds": round(seconds, 1), "command": command,
                **scores(summary_of(folder, "inpaint"))}
         record["rows"].append(row)

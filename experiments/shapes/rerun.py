@@ -42,17 +42,20 @@ def recorded_overrides(run: Path) -> list[str]:
     return [str(o) for o in given if not str(o).lstrip("+~").startswith(NOT_REPLAYED)]
 
 
-def rerun(run: Path, work: Path, keep: tuple[str, ...], overrides: list[str]) -> tuple[float, str]:
+def rerun(run: Path, work: Path, keep: tuple[str, ...], overrides: list[str], *, reuse: bool = False) -> tuple[float, str]:
     """Copy the stages `keep` of `run` (and its .hydra record) into a fresh `work` folder, then run
     `python -m conceptdistill <run's overrides> hydra.run.dir=<work> logger=none quiet=true <overrides>` there
-    (a later value of a setting wins).
+    (a later value of a setting wins). With `reuse`, a `work` folder an earlier sweep left is kept: the command
+    then skips the stages it finished with the same settings and inputs, and redoes the rest (the runner's own
+    fingerprints decide).
 
     Returns the command's wall-clock seconds and the command as a user would type it. Exits with the command and
     its exit code when it fails (its own message is printed above)."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    for name in (".hydra", *keep):
-        shutil.copytree(run / name, work / name)
+    if not (reuse and (work / ".hydra").is_dir()):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for name in (".hydra", *keep):
+            shutil.copytree(run / name, work / name)
     args = [*recorded_overrides(run), f"hydra.run.dir={work}", "logger=none", "quiet=true", *overrides]
     command = shlex.join(["python", "-m", "conceptdistill", *args]).replace(f"{REPO}/", "")  # as typed in the checkout
     started = time.perf_counter()
@@ -65,6 +68,12 @@ def rerun(run: Path, work: Path, keep: tuple[str, ...], overrides: list[str]) ->
 def summary_of(work: Path, stage: str) -> dict:
     """The summary a finished stage recorded in its DONE.json."""
     return json.loads((work / stage / "DONE.json").read_text())["summary"]
+
+
+def stage_seconds(work: Path, stages: tuple[str, ...]) -> float:
+    """The seconds the finished `stages` of `work` took, as their DONE.json records them (the stages' own time,
+    also when a reused rerun skipped them; a resumed stage's includes its killed runs' training)."""
+    return sum(json.loads((work / stage / "DONE.json").read_text())["seconds"] for stage in stages)
 
 
 def concept_of(run: Path) -> str:
@@ -93,6 +102,10 @@ def sweep_parser(doc: str, name: str, run_help: str | None) -> argparse.Argument
     parser.add_argument("--work", type=Path, default=REPO / "runs" / name.replace("_", "-"),
                         help="where the reruns go (replaced)")
     parser.add_argument("--out", type=Path, default=HERE / name, help="the record's path without suffix")
+    if run_help is not None:
+        parser.add_argument("--reuse", action="store_true",
+                            help="keep the reruns an earlier sweep left in --work (a rerun then skips what it "
+                                 "finished with the same settings and redoes the rest)")
     parser.add_argument("extra", nargs="*", help="Hydra overrides of every rerun (after --)")
     return parser
 

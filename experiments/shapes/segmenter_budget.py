@@ -29,6 +29,7 @@ from rerun import (  # noqa: E402
     record_header,
     require_finished,
     rerun,
+    stage_seconds,
     summary_of,
     sweep_parser,
 )
@@ -54,14 +55,15 @@ def parse_budget(text: str) -> dict:
             "decoder": [16 * 2 ** i for i in reversed(range(depth))]}
 
 
-def segment_once(run: Path, work: Path, budget: dict, sources: list[str], extra: list[str]) -> dict:
+def segment_once(run: Path, work: Path, budget: dict, sources: list[str], extra: list[str], reuse: bool) -> dict:
     """Copy the finished upstream stages of `run` into `work`, train and score the segmenters of `sources`."""
     # the budget after the extra overrides: the later value of a setting wins
-    seconds, command = rerun(run, work, UPSTREAM, [
+    _, command = rerun(run, work, UPSTREAM, [
         *extra, "stages=[segment]", f"segment.sources=[{','.join(sources)}]", f"segment.max_steps={budget['steps']}",
         f"segment.module.encoder_depth={budget['depth']}",
         f"segment.module.decoder_channels=[{','.join(map(str, budget['decoder']))}]",
-        f"segment.image_size={budget['size']}", f"segment.checkpoint_every={budget['steps']}"])
+        f"segment.image_size={budget['size']}", f"segment.checkpoint_every={budget['steps']}"], reuse=reuse)
+    seconds = stage_seconds(work, ("segment",))
     rows = summary_of(work, "segment")["rows"]
     return {"seconds": round(seconds, 1), "iou": {s: rows[ROW[s]]["iou"] for s in sources},
             "iou_per_image": {s: rows[ROW[s]]["iou_per_image"] for s in sources}, "command": command}
@@ -79,9 +81,9 @@ def write_table(record: dict, out: Path) -> None:
         b = row["budget"]
         ious = " | ".join(f"{100 * row['iou'][s]:.1f}" for s in sources)
         lines.append(f"| {b['steps']} | {b['depth']} | {b['size']} | {ious} | {row['seconds']:.0f} |")
-    lines += ["", "IoU pooled over the test split, in %. Seconds: the whole segment-stage command (training and "
-              "scoring every listed source) on this machine, which was not otherwise idle-checked: compare within "
-              "one table only."]
+    lines += ["", "IoU pooled over the test split, in %. Seconds: the segment stage (training and scoring every "
+              "listed source, from its DONE.json) on this machine, which was not otherwise idle-checked: compare "
+              "within one table only."]
     if record.get("note"):
         lines += ["", record["note"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -126,7 +128,7 @@ def main() -> None:
               "refined_masks": refined, "preliminary_masks": masks["preliminary_masks"]["iou"], "budgets": []}
     for budget in args.budgets:
         name = f"{budget['steps']}-{budget['depth']}-{budget['size']}"
-        result = segment_once(args.run, args.work / name, budget, args.sources, args.extra)
+        result = segment_once(args.run, args.work / name, budget, args.sources, args.extra, args.reuse)
         record["budgets"].append({"budget": budget, **result})
         print(name, {s: round(100 * v, 1) for s, v in result["iou"].items()}, f"{result['seconds']:.0f} s", flush=True)
         # after every budget, so that partial results survive
