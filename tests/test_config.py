@@ -40,6 +40,20 @@ def test_paper_experiments_use_the_papers_settings():
     assert cfg.diffusion.name == "sd14" and cfg.experiment == "cub_birds"
 
 
+def test_the_demo_is_the_recorded_shapes_experiment_with_a_smaller_segmenter():
+    """`make demo` (the default experiment) and `make reproduce` (experiment=shapes) differ in the segmenter's
+    budget alone, so the demo's upstream rows are the recorded ones and only its U-Net rows are lower."""
+    demo = OmegaConf.to_container(compose([], run_dir=Path("/tmp/unused")), resolve=True)
+    recorded = OmegaConf.to_container(compose(["experiment=shapes"], run_dir=Path("/tmp/unused")), resolve=True)
+    assert (demo.pop("experiment"), recorded.pop("experiment")) == ("shapes_demo", "shapes")
+    demo_segment, recorded_segment = demo.pop("segment"), recorded.pop("segment")
+    assert demo == recorded
+    budget = ("image_size", "max_steps")
+    assert [demo_segment[k] for k in budget] == [32, 400] and [recorded_segment[k] for k in budget] == [64, 1200]
+    assert {k: v for k, v in demo_segment.items() if k not in (*budget, "module", "checkpoint_every")} == \
+        {k: v for k, v in recorded_segment.items() if k not in (*budget, "module", "checkpoint_every")}
+
+
 def test_cfg_job_prints_the_composed_config():
     result = run_cli("+experiment=shapes", "--cfg", "job")
     assert result.returncode == 0, result.stderr
@@ -61,7 +75,7 @@ def test_multirun_runs_both_jobs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for job in ("0", "1"):
         results = json.loads((tmp_path / job / "report" / "results.json").read_text())
-        assert results["experiment"] == "shapes"
+        assert results["experiment"] == "shapes_demo"
     seeds = {OmegaConf.load(tmp_path / job / ".hydra" / "config.yaml").seed for job in ("0", "1")}
     assert seeds == {0, 1}
 

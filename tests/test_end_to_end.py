@@ -26,9 +26,9 @@ ALL_STAGES = ["masks", "finetune", "inpaint", "synthesize", "segment", "report"]
 WORK_STAGES = ALL_STAGES[:-1]
 ROWS = table_rows(compose())  # (key, label) of every results row, in the ladder's order
 ROW_NAMES = [key for key, _ in ROWS]
-#: the paper experiments (every experiment file but the shapes world and the shared "_" fragments)
+#: the paper experiments (every experiment file but the shapes world's and the shared "_" fragments)
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
-                     if p.stem != "shapes" and not p.stem.startswith("_"))
+                     if p.stem not in ("shapes", "shapes_demo") and not p.stem.startswith("_"))
 #: experiment -> a tiny tree in its data set's official layout (returns the data root)
 TREES = {
     "cub_birds": make_cub,
@@ -116,7 +116,7 @@ def test_shapes_world_all_stages_results_file_and_resume(tmp_path, all_words_mod
     assert list(summaries) == ALL_STAGES
 
     results = read_results(run_dir)
-    assert results["experiment"] == "shapes"
+    assert results["experiment"] == "shapes_demo"  # the default experiment
     assert results["date"] == datetime.date.today().isoformat()
     assert results["command"].startswith("python -m conceptdistill")
     assert "git_commit" in results and (results["git_commit"] is None or re.fullmatch(r"[0-9a-f]{4,40}",
