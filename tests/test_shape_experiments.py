@@ -105,6 +105,8 @@ def test_the_scripts_refuse_bad_input_before_any_work(finished, tmp_path, monkey
     with pytest.raises(SystemExit):
         main_with(concepts, monkeypatch, "--concepts", "circle", "dragon", "--out", str(tmp_path / "x"))
     assert "['dragon'] are not shapes or colours" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no finished world stage"):
+        main_with(concepts, monkeypatch, "--fidelity", str(unfinished), "--out", str(tmp_path / "x"))
     assert not (tmp_path / "work").exists() and not list(tmp_path.glob("x.*"))
 
 
@@ -112,8 +114,14 @@ def test_concepts_runs_the_whole_method_per_concept(tiny_overrides, tmp_path, mo
     import concepts
 
     out = tmp_path / "concepts"
+    # a world stage's record of each word's prompt fidelity (tests/stages/test_world_stage.py measures a real one)
+    measured = tmp_path / "fidelity" / "world"
+    measured.mkdir(parents=True)
+    (measured / "DONE.json").write_text(json.dumps({
+        "command": "python -m conceptdistill stages=[world] world.init_from=packaged world.max_steps=0",
+        "summary": {"word_fidelity": {"circle": 1.0, "square": 0.75}, "fidelity_settings": {"samples": 200}}}))
     main_with(concepts, monkeypatch, "--concepts", "square", "--work", str(tmp_path / "work"), "--out", str(out),
-              "--", "logger=none", *tiny_overrides)
+              "--experiment", "shapes_demo", "--fidelity", str(measured.parent), "--", "logger=none", *tiny_overrides)
     record = json.loads(out.with_suffix(".json").read_text())
     (row,) = record["rows"]
     results = json.loads((tmp_path / "work" / "square" / "report" / "results.json").read_text())
@@ -121,4 +129,6 @@ def test_concepts_runs_the_whole_method_per_concept(tiny_overrides, tmp_path, mo
     assert row["concept"] == "square" and set(row["iou"]) == {key for key, _ in concepts.LADDER}
     best = max(row["iou"][k] for k in concepts.LABEL_FREE)
     assert row["fraction_of_supervised"] == pytest.approx(best / row["iou"]["unet_truth"])
-    assert "| square |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| square |" in table and "experiment=shapes_demo" in table
+    assert "prompt fidelity of the word |" in table and table.rstrip().endswith("| 0.750 |")

@@ -38,7 +38,7 @@ from conceptdistill.world.datamodule import ShapesWorldDataModule
 
 log = logging.getLogger(__name__)
 #: what a fidelity measurement writes into training.json (redone when a model is measured again)
-FIDELITY_KEYS = ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "background_fidelity",
+FIDELITY_KEYS = ("prompt_fidelity", "shape_fidelity", "colour_fidelity", "background_fidelity", "word_fidelity",
                  "classifier_accuracy", "fidelity_settings")
 
 

@@ -144,15 +144,24 @@ def draw_fidelity_samples(
     }
 
 
-def fidelity_scores(asked: list[tuple[str, str]], seen: list[tuple[str, str]]) -> dict[str, float]:
+def fidelity_scores(asked: list[tuple[str, str]], seen: list[tuple[str, str]]) -> dict:
     """From per-sample (shape, colour) labels, NONE meaning no object: how often an object prompt's sample
-    shows what was asked (both labels, shape, colour), and how often a background prompt's shows nothing."""
+    shows what was asked (both labels, shape, colour), and how often a background prompt's shows nothing;
+    fractions in [0, 1].
+
+    `word_fidelity` holds the same per word of the world, the fidelity of that word as a concept: for a shape,
+    the fraction of the prompts asking for it whose sample shows that shape; for a colour, that colour."""
     pairs = list(zip(asked, seen, strict=True))
     objects = [(want, got) for want, got in pairs if want[0] != NONE]
     backgrounds = [got for want, got in pairs if want[0] == NONE]
+    words: dict[str, list[bool]] = {}
+    for want, got in objects:
+        for position in (0, 1):  # shape, colour
+            words.setdefault(want[position], []).append(want[position] == got[position])
     return {
         "prompt_fidelity": sum(want == got for want, got in objects) / max(len(objects), 1),
         "shape_fidelity": sum(want[0] == got[0] for want, got in objects) / max(len(objects), 1),
         "colour_fidelity": sum(want[1] == got[1] for want, got in objects) / max(len(objects), 1),
         "background_fidelity": sum(got == (NONE, NONE) for got in backgrounds) / max(len(backgrounds), 1),
+        "word_fidelity": {word: sum(hits) / len(hits) for word, hits in sorted(words.items())},
     }

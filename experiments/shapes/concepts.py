@@ -62,14 +62,36 @@ def row_of(word: str, results: dict) -> dict:
             "date": results.get("date"), "seconds": results.get("seconds")}
 
 
+def word_fidelity(run: Path) -> dict:
+    """Each word's prompt fidelity from the world stage's record in `run` (world/fidelity.py fidelity_scores),
+    with the command that measured it and the number of object prompts; exits with a message when missing."""
+    done = run / "world" / "DONE.json"
+    if not done.is_file():
+        sys.exit(f"--fidelity {run}: no finished world stage there (run python -m conceptdistill stages=[world] "
+                 f"world.init_from=packaged world.max_steps=0 hydra.run.dir={run})")
+    record = json.loads(done.read_text())
+    summary = record["summary"]
+    if "word_fidelity" not in summary:
+        sys.exit(f"--fidelity {run}: its world stage recorded no word_fidelity (made by an older version): rerun it")
+    return {"words": summary["word_fidelity"], "command": record["command"],
+            "samples": summary["fidelity_settings"]["samples"]}
+
+
 def write_table(record: dict, out: Path) -> None:
     head = " | ".join(label for _, label in LADDER)
+    fidelity = record.get("word_fidelity")
     lines = ["# The method on every concept of the shapes world", "",
              f"Made on {record['date']} by `{record['command']}`", f"on {record['machine']}; each concept's run:",
              "", *[f"    {row['command']}" for row in record["rows"]], "",
-             "Test IoU in %, pooled over the test split; the same settings for every concept.", "",
-             f"| concept | {head} | best label-free / supervised | object removal | attention AUC |",
-             "|---|" + "---|" * (len(LADDER) + 3)]
+             "Test IoU in %, pooled over the test split; the same settings for every concept."]
+    if fidelity:
+        lines += ["", f"Prompt fidelity of the word: of the world model's samples whose prompt asked for it (\"a photo "
+                  f"of a <colour> <shape>\", {fidelity['samples']} object prompts cycling through every pair), the "
+                  "fraction the world's classifier sees it in (the shape for a shape word, the colour for a colour "
+                  f"word); measured by `{fidelity['command']}`."]
+    lines += ["", f"| concept | {head} | best label-free / supervised | object removal | attention AUC |"
+              + (" prompt fidelity of the word |" if fidelity else ""),
+              "|---|" + "---|" * (len(LADDER) + 3 + bool(fidelity))]
     for row in record["rows"]:
         cells = " | ".join(f"{100 * row['iou'][k]:.1f}" if k in row["iou"] else "-" for k, _ in LADDER)
         fraction = f"{row['fraction_of_supervised']:.2f}" if row["fraction_of_supervised"] is not None else "-"
@@ -77,8 +99,9 @@ def write_table(record: dict, out: Path) -> None:
         def num(value):
             return f"{value:.3f}" if value is not None else "-"
 
+        word = f" {num(fidelity['words'].get(row['concept']))} |" if fidelity else ""
         lines.append(f"| {row['concept']} | {cells} | {fraction} | {num(row['object_removal_rate'])} | "
-                     f"{num(row['attention_auc'])} |")
+                     f"{num(row['attention_auc'])} |{word}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -88,7 +111,12 @@ def main() -> None:
     parser.add_argument("--concepts", nargs="+", default=CONCEPTS)
     parser.add_argument("--experiment", default="shapes", choices=["shapes", "shapes_demo"],
                         help="the shapes world's budget: as recorded (shapes) or the demo's (shapes_demo)")
+    parser.add_argument("--fidelity", type=Path, default=None,
+                        help="a run folder whose world stage measured the model (python -m conceptdistill "
+                             "stages=[world] world.init_from=packaged world.max_steps=0 ...): adds each word's "
+                             "prompt fidelity")
     args = parser.parse_args()
+    fidelity = word_fidelity(args.fidelity) if args.fidelity else None
     if not any(a.lstrip("+~").startswith("data") for a in args.extra):  # the world's own words, checked up front
         sys.path.insert(0, str(REPO))
         from conceptdistill.world.render import WorldConfig
@@ -97,7 +125,7 @@ def main() -> None:
         if unknown:
             parser.error(f"{unknown} are not shapes or colours of the shapes world: {', '.join(WorldConfig().words)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {**record_header("concepts.py"), "rows": []}
+    record = {**record_header("concepts.py"), "rows": [], **({"word_fidelity": fidelity} if fidelity else {})}
     for word in args.concepts:
         results, seconds, command = run_concept(word, args.work, args.extra, args.experiment)
         row = {**row_of(word, results), "command": command, "wall_seconds": round(seconds, 1)}

@@ -55,6 +55,7 @@ def test_world_stage_trains_a_model_the_ordinary_loader_reads(trained_world):
     assert record["command"].startswith("python -m conceptdistill") and record["seed"] == 0
     assert set(FIDELITY_KEYS) <= set(record)
     assert 0.0 <= record["prompt_fidelity"] <= 1.0 and 0.0 <= record["background_fidelity"] <= 1.0
+    assert record["word_fidelity"] and all(0.0 <= v <= 1.0 for v in record["word_fidelity"].values())
     assert record["fidelity_settings"]["guidance_scale"] == 2.0
     assert list(load_diffusion_parts(str(pipeline)).denoiser.config.block_out_channels) == [16, 32, 32]
     assert (run_dir / "world" / "samples_grid.png").exists()
@@ -151,3 +152,14 @@ def test_fidelity_check_is_strict_by_hand_and_compares_labels_on_clear_samples_o
     assert row["label_agreement_on_clear"] == pytest.approx(2 / 3)
     assert row["verdict_agreement"] == pytest.approx(1 / 3)
     assert check.judge_label(("circle", "")) == "circle none"
+
+
+def test_word_fidelity_scores_each_word_by_its_own_label():
+    """A shape word counts the shape seen, a colour word the colour seen; background prompts count for neither."""
+    from conceptdistill.world.fidelity import NONE, fidelity_scores
+
+    asked = [("circle", "red"), ("circle", "blue"), ("square", "red"), (NONE, NONE)]
+    seen = [("circle", "blue"), ("circle", "blue"), (NONE, NONE), ("square", "red")]
+    scores = fidelity_scores(asked, seen)
+    assert scores["word_fidelity"] == {"blue": 1.0, "circle": 1.0, "red": 0.0, "square": 0.0}
+    assert scores["prompt_fidelity"] == pytest.approx(1 / 3) and scores["background_fidelity"] == 0.0
