@@ -32,10 +32,23 @@ from conceptdistill.metrics import (
 log = logging.getLogger(__name__)
 
 
-def evaluation_split(ctx) -> str:
-    """The split the per-image stages are scored on: test if they process it, else the last one."""
-    splits = list(ctx.cfg.splits)
+def scored_split(cfg) -> str:
+    """The split the per-image stages (masks, inpaint) are scored on: test if `cfg.splits` holds it, else the
+    last one."""
+    splits = list(cfg.splits)
     return "test" if "test" in splits else splits[-1]
+
+
+def evaluation_split(ctx) -> str:
+    """`scored_split` of a stage's config view."""
+    return scored_split(ctx.cfg)
+
+
+def split_label(cfg, labels: dict[str, str]) -> dict[str, str]:
+    """Results-table labels of per-image stage rows, each naming the split it is scored on when that is not
+    the test split (`splits` without test): those rows then stand beside the U-Nets' test-split rows."""
+    split = scored_split(cfg)
+    return labels if split == "test" else {key: f"{label} [{split} split, not test]" for key, label in labels.items()}
 
 
 def truths_by_id(dataset, *, images: int = 0) -> dict[str, dict]:

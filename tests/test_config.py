@@ -107,3 +107,15 @@ def test_configs_ship_inside_the_package():
         p.name for p in (CONF_DIR / "experiment").glob("*.yaml"))
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "conf/**/*.yaml" in package_data["conceptdistill"]
+
+
+def test_rows_scored_on_another_split_than_test_say_so():
+    """With `splits` lacking test, the masks and inpaint rows are scored on another split while the U-Nets are
+    scored on test: their labels name the split (they were labelled as test rows)."""
+    from conceptdistill.stages.report import table_rows
+
+    on_train = dict(table_rows(compose(["splits=[train]"], run_dir=Path("/tmp/unused"))))
+    on_test = dict(table_rows(compose([], run_dir=Path("/tmp/unused"))))
+    for key in ("baseline_all_foreground", "baseline_centre_box", "preliminary_masks", "refined_masks"):
+        assert on_train[key] == f"{on_test[key]} [train split, not test]"
+    assert on_train["unet_refined"] == on_test["unet_refined"] == "U-Net on (D, M)"

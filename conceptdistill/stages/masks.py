@@ -9,7 +9,7 @@ from __future__ import annotations
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conceptdistill.evaluation import evaluate_mask_stage
+from conceptdistill.evaluation import evaluate_mask_stage, split_label
 from conceptdistill.pipeline.artifacts import SampleWriter, pending, split_counts
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
@@ -25,10 +25,14 @@ def masks_settings(cfg) -> tuple[str, ...]:
     return (*SETTINGS, *(("prompts.background",) if reads_background else ()))
 
 
+def masks_rows(cfg) -> dict[str, str]:
+    return split_label(cfg, {"baseline_all_foreground": "baseline: all foreground",
+                             "baseline_centre_box": "baseline: best centred square",
+                             "preliminary_masks": "preliminary masks M_pre"})
+
+
 @register_stage(
-    "masks", uses_model=True, settings=masks_settings,
-    rows={"baseline_all_foreground": "baseline: all foreground", "baseline_centre_box": "baseline: best centred square",
-          "preliminary_masks": "preliminary masks M_pre"},
+    "masks", uses_model=True, settings=masks_settings, rows=masks_rows,
     figures={"masks_grid.png": "masks_grid.png"},
 )
 def run_masks(ctx: RunContext) -> dict:
