@@ -62,10 +62,9 @@ def concept_words(value) -> list[str]:
 
 def _inpainter_repaints(cfg: DictConfig) -> bool:
     """Whether `inpaint.module` repaints with the diffusion model (not the M_crop baseline)."""
-    from hydra.utils import get_class
+    from conceptdistill.pipeline.config import inpainter_class
 
-    target = OmegaConf.select(cfg, "inpaint.module._target_")
-    return target is None or getattr(get_class(target), "repaints_with_model", True)
+    return OmegaConf.select(cfg, "inpaint.module._target_") is None or inpainter_class(cfg).repaints_with_model
 
 
 def check_settings(cfg: DictConfig) -> DictConfig:
@@ -90,11 +89,21 @@ def check_settings(cfg: DictConfig) -> DictConfig:
             continue  # M_crop (inpaint=crop) runs no sampler: its num_steps is ignored
         if value is not None and int(value) < 1:
             raise SettingsError(f"{key}={value}: a sampler needs at least 1 step")
-    # Lightning reads max_steps=-1 as "no limit" (then trains for 1000 epochs); 0 trains nothing (the base model)
-    for key, least in (("finetune.max_steps", 0), ("segment.max_steps", 0), ("world.max_steps", 0)):
+    # Lightning reads max_steps=-1 as "no limit" (then trains for 1000 epochs); 0 fine-tuning steps keep the base
+    # model and 0 world steps measure a given model, but 0 segmenter steps would score untrained U-Nets
+    for key, least in (("finetune.max_steps", 0), ("segment.max_steps", 1), ("world.max_steps", 0)):
         value = OmegaConf.select(cfg, key)
         if value is not None and int(value) < least:
             raise SettingsError(f"{key}={value}: a training budget is a number of steps, at least {least}")
+    for key in ("data.num_train", "data.num_test"):  # the shapes world's split sizes
+        value = OmegaConf.select(cfg, key)
+        if value is not None and int(value) < 1:
+            raise SettingsError(f"{key}={value}: the method needs at least one image in that split")
+    samples = OmegaConf.select(cfg, "synthesize.num_samples")
+    wants_synthetic = "refined+synthetic" in (OmegaConf.select(cfg, "segment.sources") or [])
+    if samples is not None and int(samples) < 1 and wants_synthetic:
+        raise SettingsError(f"synthesize.num_samples={samples}: segment source refined+synthetic trains on the "
+                            "synthetic set D'_s; draw at least 1 sample or leave that source out of segment.sources")
     sources = OmegaConf.select(cfg, "segment.sources")
     if sources is not None:
         unknown = [s for s in sources if s not in MASK_SOURCES]

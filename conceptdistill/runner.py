@@ -101,16 +101,17 @@ def one_line(summary: dict) -> str:
 
 
 def where_results_are(ctx: RunContext) -> str:
-    """Where the run's results, trained weights and segmenters are, for the console's last lines."""
+    """Where the run's results, trained weights and segmenters are, for the console's last lines: only those of
+    stages complete for this command's settings (others are kept on disk until a rerun moves them aside)."""
     layout = ctx.layout
     lines = [f"run folder: {layout.root}"]
     report = layout.stage_dir("report")
     if (report / "results.md").exists():
         lines.append(f"results:    {report / 'results.md'}")
         lines.append(f"page:       {report / 'index.html'}")
-    if layout.finetuned_weights().exists():
+    if layout.finetuned_weights().exists() and ctx.is_complete("finetune"):
         lines.append(f"weights:    {layout.finetuned_weights()}")
-    segmenters = sorted(layout.stage_dir("segment").glob("*/final.ckpt"))
+    segmenters = sorted(layout.stage_dir("segment").glob("*/final.ckpt")) if ctx.is_complete("segment") else []
     lines += [f"segmenter:  {path}" for path in segmenters]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conceptdistill.pipeline.registry import PRESENTATION_KEYS
 
-__all__ = ["config_view", "result_settings"]
+__all__ = ["config_view", "inpainter_class", "refined_mask_name", "result_settings"]
 
 
 def _select(cfg: DictConfig, keys, transform=lambda value, key: value) -> dict:
@@ -62,3 +62,18 @@ def _assign(target: dict, key: str, value: Any) -> None:
     target[last] = value
 
 
+
+
+def inpainter_class(cfg: DictConfig) -> type:
+    """The class `inpaint.module` names (a modules.inpainter.MaskRefiner; not instantiated, which needs the
+    model)."""
+    from hydra.utils import get_class
+
+    return get_class(cfg.inpaint.module._target_)
+
+
+def refined_mask_name(cfg: DictConfig) -> str:
+    """What the refined masks of `cfg` are called in results tables: "M" (the diffusion model's inpainting, the
+    method) or "M_crop" (the simple-inpainting baseline, `inpaint=crop`), so that no row passes the baseline off
+    as the method."""
+    return "M" if inpainter_class(cfg).repaints_with_model else "M_crop"

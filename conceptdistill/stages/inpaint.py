@@ -7,31 +7,28 @@ world it also judges how often B holds no object (`object_removal_rate`, evaluat
 
 from __future__ import annotations
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 
-from conceptdistill.evaluation import evaluate_inpaint_stage
-from conceptdistill.modules.inpainter import MaskRefiner
+from conceptdistill.evaluation import evaluate_inpaint_stage, split_label
 from conceptdistill.pipeline.artifacts import SampleWriter, WithArtifacts, pending, split_counts
+from conceptdistill.pipeline.config import inpainter_class, refined_mask_name
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 
 SETTINGS = ("seed", "prompts", "diffusion", "data", "splits", "inpaint", *PREDICTION_HARDWARE)
 
 
-def _inpainter_class(cfg) -> type[MaskRefiner]:
-    """The class `inpaint.module` names (not instantiated: that needs the model)."""
-    return get_class(cfg.inpaint.module._target_)
 
 
 def inpaint_inputs(cfg) -> tuple[str, ...]:
     """M_pre always; the fine-tuned weights when the inpainter repaints with them (not the M_crop baseline)."""
-    return ("finetune", "masks") if _inpainter_class(cfg).repaints_with_model else ("masks",)
+    return ("finetune", "masks") if inpainter_class(cfg).repaints_with_model else ("masks",)
 
 
 def inpaint_settings(cfg) -> tuple[str, ...]:
     """Everything under `inpaint` for a repainting inpainter; for one that needs no model (M_crop) only the
     module keys it declares, so that the sampler's settings and the prompts do not redo it."""
-    inpainter = _inpainter_class(cfg)
+    inpainter = inpainter_class(cfg)
     if inpainter.repaints_with_model:
         return SETTINGS
     own = inpainter.settings
@@ -40,10 +37,9 @@ def inpaint_settings(cfg) -> tuple[str, ...]:
 
 
 def inpaint_rows(cfg) -> dict[str, str]:
-    """The refined masks' row; labelled M_crop when the backgrounds are the image's own (inpaint=crop), the
-    paper's name for that baseline, so that a table never passes it off as the method's M."""
-    label = "refined masks M" if _inpainter_class(cfg).repaints_with_model else "refined masks M_crop (no inpainting model)"
-    return {"refined_masks": label}
+    """The refined masks' row: M, or M_crop for the baseline (pipeline.config.refined_mask_name)."""
+    name = refined_mask_name(cfg)
+    return split_label(cfg, {"refined_masks": f"refined masks {name}" + (" (no inpainting model)" if name != "M" else "")})
 
 
 @register_stage(
@@ -53,7 +49,7 @@ def inpaint_rows(cfg) -> dict[str, str]:
 )
 def run_inpaint(ctx: RunContext) -> dict:
     cfg = ctx.cfg
-    parts = ctx.load_parts(finetuned=True) if _inpainter_class(cfg).repaints_with_model else None
+    parts = ctx.load_parts(finetuned=True) if inpainter_class(cfg).repaints_with_model else None
     module = instantiate(cfg.inpaint.module, _convert_="all")(parts)
     summary: dict = {}
     for split in cfg.splits:

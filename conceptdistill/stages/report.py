@@ -149,6 +149,10 @@ def run_report(ctx: RunContext) -> dict:
             if matches:
                 shutil.copyfile(matches[-1], folder / name)
                 figures.append(name)
+    for stage in pipeline_order(ctx.full_cfg):  # an earlier report's copy of a figure left out now goes
+        for name, _ in stage_spec(stage).figures:
+            if name not in figures:
+                (folder / name).unlink(missing_ok=True)
     results["figures"] = figures
     write_json(folder / "results.json", results)
     scalar_labels = dict(declared_scalars(ctx.full_cfg))

@@ -26,6 +26,7 @@ from conceptdistill.figures import save_grid
 from conceptdistill.metrics import mean_box_iou
 from conceptdistill.modules.segmenter import SegmentationModel
 from conceptdistill.pipeline.artifacts import SampleIds, with_output
+from conceptdistill.pipeline.config import refined_mask_name
 from conceptdistill.pipeline.context import RunContext, finish_loggers
 from conceptdistill.pipeline.registry import TRAINING_HARDWARE, register_stage
 from conceptdistill.utils.checkpoints import (
@@ -34,15 +35,22 @@ from conceptdistill.utils.checkpoints import (
     resumable_checkpoints,
     resume_checkpoint,
 )
+from conceptdistill.utils.io import read_json, write_json
 from conceptdistill.utils.seeding import sample_seed
 
 log = logging.getLogger(__name__)
 
 SOURCES = MASK_SOURCES
-#: each source's row in the results table, with its label
+#: each source's row in the results table, with its label (M: the refined masks' name, see segment_rows)
 ROWS = {"unet_preliminary": "U-Net on (D, M_pre)", "unet_refined": "U-Net on (D, M)",
         "unet_refined_synthetic": "U-Net on (D, M) u D'_s", "unet_truth": "supervised U-Net (upper bound)"}
 ROW_NAMES = dict(zip(SOURCES, ROWS, strict=True))
+
+
+def segment_rows(cfg) -> dict[str, str]:
+    """ROWS, with M renamed M_crop when the refined masks (and the synthetic set's) come from the baseline."""
+    name = refined_mask_name(cfg)
+    return {key: label.replace("(D, M)", f"(D, {name})") for key, label in ROWS.items()}
 
 
 def training_set(ctx: RunContext, source: str) -> Dataset:
@@ -82,13 +90,14 @@ def segment_inputs(cfg) -> tuple[str, ...]:
 
 
 def train_segmenter(ctx: RunContext, source: str) -> tuple[SegmentationModel, float]:
-    """Train (or resume, or load when finished) the segmenter of one mask source; also the seconds trained by
-    earlier, killed runs of it (0.0 unless resumed)."""
+    """Train (or resume, or load when finished) the segmenter of one mask source; also the seconds earlier,
+    killed runs of the stage trained it (all of its training when one of them finished it; 0.0 when none)."""
     seg = ctx.cfg.segment
     source_dir = ctx.layout.segmenter_dir(source)
     final = ctx.layout.segmenter_checkpoint(source)
-    if final.exists():
-        return SegmentationModel.load_from_checkpoint(final), 0.0
+    record = final.with_name("training.json")  # its training seconds: final.ckpt holds weights only
+    if final.exists():  # finished by a run of this stage that was killed later (a finished stage is not rerun)
+        return SegmentationModel.load_from_checkpoint(final), float(read_json(record)["seconds"]) if record.exists() else 0.0
     # Initial weights from (seed, source) alone, never from what ran earlier in the process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(ctx.cfg.seed, source, "segment-init"))
@@ -104,6 +113,8 @@ def train_segmenter(ctx: RunContext, source: str) -> tuple[SegmentationModel, fl
                          seed=ctx.cfg.seed, salt=f"segment-{source}", start_step=resume.step,
                          trainer=trainer)
     trainer.fit(model, loader, ckpt_path=resume.ckpt_path)
+    # the record first: a final.ckpt (what marks the source finished) never stands without it
+    write_json(record, {"seconds": round(clock.total(), 2), "steps": int(trainer.global_step)})
     trainer.save_checkpoint(final, weights_only=True)  # the result: weights and hyper-parameters, no optimizer
     drop_resume_checkpoint(last)
     finish_loggers()  # one logger run per mask source
@@ -113,7 +124,7 @@ def train_segmenter(ctx: RunContext, source: str) -> tuple[SegmentationModel, fl
 @register_stage(
     "segment", inputs=segment_inputs,
     settings=("seed", "data", "segment", *TRAINING_HARDWARE),
-    rows=ROWS, figures={"segment_grid.png": "segment_grid.png"},
+    rows=segment_rows, figures={"segment_grid.png": "segment_grid.png"},
 )
 def run_segment(ctx: RunContext) -> dict:
     seg = ctx.cfg.segment

@@ -57,8 +57,12 @@ class TrainingClock(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
 
+    def total(self) -> float:
+        """Seconds trained so far, the killed runs' included."""
+        return self.earlier + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
     def state_dict(self) -> dict:
-        return {"seconds": self.earlier + (time.perf_counter() - self._started if self._started is not None else 0.0)}
+        return {"seconds": self.total()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.earlier = float(state_dict["seconds"])

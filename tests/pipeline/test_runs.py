@@ -206,7 +206,9 @@ def state_of(path: Path) -> dict:
 def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(finished_run, tmp_path, stage, caplog):
     original, overrides = finished_run
     budget = {"finetune": ["finetune.max_steps=30", "finetune.checkpoint_every=3"],
-              "segment": ["segment.max_steps=30", "segment.checkpoint_every=3", "segment.sources=[refined]"]}[stage]
+              # preliminary trains first: the kill (during refined) comes after one source has finished
+              "segment": ["segment.max_steps=30", "segment.checkpoint_every=3",
+                          "segment.sources=[preliminary,refined]"]}[stage]
     settings = [o for o in overrides if not o.startswith("stages=")] + budget + [f"stages=[{stage}]"]
     runs = {}
     for name in ("uninterrupted", "killed"):
@@ -228,6 +230,9 @@ def test_a_training_stage_killed_mid_run_resumes_to_the_uninterrupted_weights(fi
         done = json.loads((run_dir / stage / "DONE.json").read_text())
         earlier = runs[name].get("seconds_before_resume", 0.0)
         assert (earlier > 0) == (name == "killed") and done["seconds"] >= earlier
+        if stage == "segment" and name == "killed":  # all of the finished source's training, and refined's part
+            finished = json.loads((run_dir / "segment/preliminary/training.json").read_text())
+            assert finished["steps"] == 30 and earlier > finished["seconds"] > 0
     if stage == "finetune":
         from safetensors.torch import load_file
 
@@ -320,6 +325,28 @@ def test_the_report_never_mixes_results_of_different_settings(finished_run, tmp_
     rows = json.loads((run_dir / "report" / "results.json").read_text())["rows"]
     assert "preliminary_masks" in rows
     assert not {"refined_masks", "unet_refined", "unet_truth"} & set(rows)  # made downstream of the old masks
+
+
+def test_a_report_for_other_settings_shows_nothing_of_the_stages_they_change(finished_run, tmp_path, capsys):
+    """stages=[report] under a changed inpaint setting (nothing reruns): the inpaint, synthesize and segment
+    results are left out of the tables, and neither their figures from the earlier report nor their segmenters
+    are shown (the console listed the old segmenters as the run's)."""
+    original, overrides = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    base = [o for o in overrides if not o.startswith("stages=")]
+    assert (run_dir / "report" / "segment_grid.png").exists()
+    capsys.readouterr()
+    run(compose([*base, "inpaint.module.filter_size=7", "stages=[report]"], run_dir=run_dir))
+    printed = capsys.readouterr().out
+    rows = json.loads((run_dir / "report" / "results.json").read_text())["rows"]
+    assert "preliminary_masks" in rows and not {"refined_masks", "unet_refined", "unet_truth"} & set(rows)
+    left = {p.name for p in (run_dir / "report").glob("*.png")}
+    assert "masks_grid.png" in left and not {"inpaint_grid.png", "synthetic_grid.png", "segment_grid.png"} & left
+    assert "segmenter:" not in printed and "results:" in printed
+    # under the run's own settings they are all back
+    run(compose([*base, "stages=[report]"], run_dir=run_dir))
+    assert "segmenter:" in capsys.readouterr().out and (run_dir / "report" / "segment_grid.png").exists()
 
 
 def test_predicted_masks_may_not_land_inside_the_input_folder(finished_run, tmp_path):

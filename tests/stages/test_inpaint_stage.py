@@ -275,8 +275,12 @@ def test_the_crop_baseline_fills_the_object_region_from_the_image_itself(inpaint
     # the results table names the baseline, never passes it off as the method's M
     from conceptdistill.stages.report import table_rows
 
-    assert dict(table_rows(crop_cfg))["refined_masks"].startswith("refined masks M_crop")
-    assert dict(table_rows(cfg))["refined_masks"] == "refined masks M"
+    crop_rows, rows = dict(table_rows(crop_cfg)), dict(table_rows(cfg))
+    assert crop_rows["refined_masks"].startswith("refined masks M_crop") and rows["refined_masks"] == "refined masks M"
+    # nor the U-Nets trained on it (the synthetic set's masks are refined by the same inpainter)
+    assert (crop_rows["unet_refined"], crop_rows["unet_refined_synthetic"]) == ("U-Net on (D, M_crop)",
+                                                                              "U-Net on (D, M_crop) u D'_s")
+    assert (rows["unet_refined"], rows["unet_refined_synthetic"]) == ("U-Net on (D, M)", "U-Net on (D, M) u D'_s")
     layout = RunLayout(copy)
     assert (copy / "inpaint" / "FINGERPRINT").read_text() != (run_dir / "inpaint" / "FINGERPRINT").read_text()
     data = instantiate(cfg.data)
