@@ -103,7 +103,9 @@ def test_the_scripts_refuse_bad_input_before_any_work(finished, tmp_path, monkey
                       "--out", str(tmp_path / "x"))
         assert exit_info.value.code == 2 and repr(budget) in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main_with(concepts, monkeypatch, "--concepts", "circle", "dragon", "--out", str(tmp_path / "x"))
+        # the words are checked also when the world's settings are overridden (they were skipped then)
+        main_with(concepts, monkeypatch, "--concepts", "circle", "dragon", "--out", str(tmp_path / "x"), "--",
+                  "data.num_train=8")
     assert "['dragon'] are not shapes or colours" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no finished world stage"):
         main_with(concepts, monkeypatch, "--fidelity", str(unfinished), "--out", str(tmp_path / "x"))

@@ -41,10 +41,13 @@ def run_concept(word: str, work: Path, extra: list[str], experiment: str = "shap
     args = [f"experiment={experiment}", f"concept=[{word}]", f"prompts.foreground=a photo of a {word}",
             f"hydra.run.dir={work / word}", "quiet=true", *logger, *extra]
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "conceptdistill", *args], check=True, cwd=REPO)
-    results = json.loads((work / word / "report" / "results.json").read_text())
     # the command as typed in the checkout (a record names no machine's path)
     command = shlex.join(["python", "-m", "conceptdistill", *args]).replace(f"{REPO}/", "")
+    finished = subprocess.run([sys.executable, "-m", "conceptdistill", *args], cwd=REPO)
+    if finished.returncode:
+        sys.exit(f"the run of concept {word!r} failed (exit code {finished.returncode}; its message is above); "
+                 f"the table holds the concepts before it:\n  {command}")
+    results = json.loads((work / word / "report" / "results.json").read_text())
     return results, time.perf_counter() - started, command
 
 
@@ -117,7 +120,8 @@ def main() -> None:
                              "prompt fidelity")
     args = parser.parse_args()
     fidelity = word_fidelity(args.fidelity) if args.fidelity else None
-    if not any(a.lstrip("+~").startswith("data") for a in args.extra):  # the world's own words, checked up front
+    # the world's own words, checked up front (unless another data set is chosen: data=...)
+    if not any(a.lstrip("+~").startswith("data=") for a in args.extra):
         sys.path.insert(0, str(REPO))
         from conceptdistill.world.render import WorldConfig
 

@@ -100,7 +100,7 @@ def sweep_parser(doc: str, name: str, run_help: str | None) -> argparse.Argument
     if run_help is not None:
         parser.add_argument("--run", type=Path, required=True, help=run_help)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / name.replace("_", "-"),
-                        help="where the reruns go (replaced)")
+                        help="where the runs go")
     parser.add_argument("--out", type=Path, default=HERE / name, help="the record's path without suffix")
     if run_help is not None:
         parser.add_argument("--reuse", action="store_true",

@@ -253,6 +253,9 @@ def test_float16_models_keep_the_vae_in_float32_where_its_config_asks(tmp_path, 
     (["inpaint.module.num_steps=0"], "inpaint.module.num_steps=0"),
     (["finetune.max_steps=-1"], "finetune.max_steps=-1"),  # Lightning's "no limit": trained for 1000 epochs
     (["segment.max_steps=-1"], "segment.max_steps=-1"),
+    (["segment.max_steps=0"], "segment.max_steps=0"),  # scored untrained U-Nets under the usual labels
+    (["synthesize.num_samples=0"], "synthesize.num_samples=0"),  # scored "(D, M) u D'_s" with no D'_s
+    (["data.num_test=0"], "data.num_test=0"),  # failed after the masks stage was moved aside
     (["segment.sources=[refined,bogus]"], "segment.sources"),  # was a ValueError from the module, after masks
 ])
 def test_timestep_grid_settings_are_refused_before_any_work(tmp_path, overrides, named):
