@@ -18,7 +18,7 @@ def normalise_overrides(arguments: list[str]) -> list[str]:
     """`+experiment=NAME` read as `experiment=NAME`; `model=NAME` and `model.KEY=...` as `diffusion=NAME` and
     `diffusion.KEY=...`.
 
-    The experiment group has a default (shapes) in the primary config's defaults list, so Hydra accepts only
+    The experiment group has a default (shapes_demo) in the primary config's defaults list, so Hydra accepts only
     `experiment=NAME`; `+experiment=NAME`, the usual spelling for a group that has none, would be refused with
     "Multiple values for experiment". Both spellings mean the same here, so both work. The diffusion-model
     group is `diffusion`; `model` is the name users of other tools reach for first, so it means the same.

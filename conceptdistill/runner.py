@@ -109,11 +109,23 @@ def where_results_are(ctx: RunContext) -> str:
     if (report / "results.md").exists():
         lines.append(f"results:    {report / 'results.md'}")
         lines.append(f"page:       {report / 'index.html'}")
-    if layout.finetuned_weights().exists() and ctx.is_complete("finetune"):
+    if layout.finetuned_weights().exists() and _current(ctx, "finetune"):
         lines.append(f"weights:    {layout.finetuned_weights()}")
-    segmenters = sorted(layout.stage_dir("segment").glob("*/final.ckpt")) if ctx.is_complete("segment") else []
+    segmenters = sorted(layout.stage_dir("segment").glob("*/final.ckpt")) if _current(ctx, "segment") else []
     lines += [f"segmenter:  {path}" for path in segmenters]
     return "\n".join(lines)
+
+
+def _current(ctx: RunContext, stage: str) -> bool:
+    """Whether `stage`'s outputs are complete for this command's settings; False when that cannot be told
+    because the diffusion model its fingerprint covers is not where the config points (e.g. a predict-only
+    command that names no model)."""
+    from conceptdistill.diffusion.loading import ModelNotFoundError
+
+    try:
+        return ctx.is_complete(stage)
+    except ModelNotFoundError:
+        return False
 
 
 def _configure_torch() -> None:
