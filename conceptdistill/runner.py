@@ -20,6 +20,7 @@ from conceptdistill.checks import check_hardware, check_settings
 from conceptdistill.pipeline.context import RunContext, command_line, finish_loggers
 from conceptdistill.pipeline.layout import move_aside
 from conceptdistill.pipeline.registry import stage_spec
+from conceptdistill.utils.checkpoints import SECONDS_BEFORE_RESUME
 from conceptdistill.utils.console import quiet_dependencies, set_quiet
 from conceptdistill.utils.io import write_json
 
@@ -68,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             ctx.cfg = cfg
             finish_loggers()
         # a resumed training stage reports the seconds its killed runs trained (utils.checkpoints.TrainingClock)
-        seconds = time.perf_counter() - started + float(summary.get("seconds_before_resume", 0.0))
+        seconds = time.perf_counter() - started + float(summary.get(SECONDS_BEFORE_RESUME, 0.0))
         ctx.forget_fingerprints()  # e.g. `world` has just replaced the model that later stages read
         if not spec.always_run:  # an always-run stage is never skipped, and may write outside the run folder
             inputs = {read: ctx.fingerprint(read) for read in spec.inputs_for(cfg)}

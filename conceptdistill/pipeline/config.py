@@ -62,8 +62,6 @@ def _assign(target: dict, key: str, value: Any) -> None:
     target[last] = value
 
 
-
-
 def inpainter_class(cfg: DictConfig) -> type:
     """The class `inpaint.module` names (a modules.inpainter.MaskRefiner; not instantiated, which needs the
     model)."""

@@ -18,8 +18,6 @@ from conceptdistill.pipeline.registry import PREDICTION_HARDWARE, register_stage
 SETTINGS = ("seed", "prompts", "diffusion", "data", "splits", "inpaint", *PREDICTION_HARDWARE)
 
 
-
-
 def inpaint_inputs(cfg) -> tuple[str, ...]:
     """M_pre always; the fine-tuned weights when the inpainter repaints with them (not the M_crop baseline)."""
     return ("finetune", "masks") if inpainter_class(cfg).repaints_with_model else ("masks",)

@@ -34,6 +34,7 @@ from conceptdistill.utils.checkpoints import (
     drop_resume_checkpoint,
     resumable_checkpoints,
     resume_checkpoint,
+    resumed_seconds,
 )
 from conceptdistill.utils.io import read_json, write_json
 from conceptdistill.utils.seeding import sample_seed
@@ -97,7 +98,8 @@ def train_segmenter(ctx: RunContext, source: str) -> tuple[SegmentationModel, fl
     final = ctx.layout.segmenter_checkpoint(source)
     record = final.with_name("training.json")  # its training seconds: final.ckpt holds weights only
     if final.exists():  # finished by a run of this stage that was killed later (a finished stage is not rerun)
-        return SegmentationModel.load_from_checkpoint(final), float(read_json(record)["seconds"]) if record.exists() else 0.0
+        trained = float(read_json(record)["seconds"]) if record.exists() else 0.0
+        return SegmentationModel.load_from_checkpoint(final), trained
     # Initial weights from (seed, source) alone, never from what ran earlier in the process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(ctx.cfg.seed, source, "segment-init"))
@@ -146,7 +148,7 @@ def run_segment(ctx: RunContext) -> dict:
                 row["iou_mask_vs_box"] = row["iou"]
                 row["iou_box"] = box_iou_of(model, ctx.datamodule.loader(test, batch_size=seg.batch_size))
             figure_columns[source] = _predictions(model, test, seg.figure_samples)
-    summary = {"rows": rows, **({"seconds_before_resume": round(earlier, 2)} if earlier else {})}
+    summary = {"rows": rows, **resumed_seconds(earlier)}
     figures = {}
     if figure_columns:
         samples = [test[i] for i in range(min(seg.figure_samples, len(test)))]

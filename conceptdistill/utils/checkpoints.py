@@ -46,6 +46,16 @@ def drop_resume_checkpoint(last) -> None:
         pass
 
 
+#: the summary key under which a resumed training stage reports the seconds its killed runs trained; the
+#: runner adds them to the stage's own seconds (DONE.json)
+SECONDS_BEFORE_RESUME = "seconds_before_resume"
+
+
+def resumed_seconds(seconds: float) -> dict:
+    """{SECONDS_BEFORE_RESUME: seconds} for a stage summary when earlier runs trained (`seconds` > 0), else {}."""
+    return {SECONDS_BEFORE_RESUME: round(seconds, 2)} if seconds else {}
+
+
 class TrainingClock(Callback):
     """Seconds of training across the runs of one training: the resume checkpoint keeps the seconds trained
     before it was written, so that a resumed stage reports its whole training time (`earlier` after `fit`
@@ -68,8 +78,8 @@ class TrainingClock(Callback):
         self.earlier = float(state_dict["seconds"])
 
     def summary(self) -> dict:
-        """{"seconds_before_resume": s} for a resumed training (the runner adds it to the stage's seconds), else {}."""
-        return {"seconds_before_resume": round(self.earlier, 2)} if self.earlier else {}
+        """`resumed_seconds` of this training, for its stage's summary."""
+        return resumed_seconds(self.earlier)
 
 
 class Resume(NamedTuple):
