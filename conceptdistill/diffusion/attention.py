@@ -73,6 +73,7 @@ class AttentionStore:
         #: copies of the images, step-major, and each layer's maps count once per step
         self.steps_per_call = 1
         self._grid_cache: dict[int, tuple[int, int]] = {}
+        self._key_indices: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.reset()
 
     def capture(self, parts: Any):
@@ -90,6 +91,19 @@ class AttentionStore:
     def wants(self, layer_name: str) -> bool:
         """Whether the layer passes the layer filter (only attn2 layers are ever offered)."""
         return self.layers is None or any(part in layer_name for part in self.layers)
+
+    def key_index(self, offset: int, device: torch.device | str) -> torch.Tensor | None:
+        """The concept tokens' positions on a key axis whose text tokens start at `offset`: (k,) int64 on `device`
+        (None when `token_indices` is None: every key). Made once per offset and device, then reused: a tensor
+        made from Python numbers on a GPU is a blocking copy, which once per layer and pass would drain the
+        device's queue of work every time."""
+        if self.token_indices is None:
+            return None
+        device = torch.device(device)
+        if (offset, device) not in self._key_indices:
+            self._key_indices[(offset, device)] = torch.tensor(
+                [offset + i for i in self.token_indices], dtype=torch.long, device=device)
+        return self._key_indices[(offset, device)]
 
     def grid_shape(self, query_len: int) -> tuple[int, int]:
         """(h_l, w_l) of a layer's query grid with ``h_l * w_l == query_len``, consistent with `output_size`."""
@@ -122,7 +136,7 @@ class AttentionStore:
         if self.token_indices is None:
             mass = probs.float().sum(dim=-1)
         else:
-            mass = probs[..., self.token_indices].float().sum(dim=-1)
+            mass = probs.index_select(-1, self.key_index(0, probs.device)).float().sum(dim=-1)
         return self._to_maps(mass)
 
     def reduce_mass(self, mass: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ Stages only use the methods here, never a family's own parts, so every stage run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -227,6 +228,15 @@ class DiffusionParts:
             for key in cache[prompts[0]]
         }
 
+    def denoiser_constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A small denoiser input that depends only on `key` (size, device, dtype: SDXL's time ids, FLUX's
+        position ids), made by `make()` once: made from host numbers per call, it would be a host-to-GPU copy
+        before every pass, which waits until the device has finished all the work queued before it."""
+        cache = self.__dict__.setdefault("_denoiser_constants", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
     def capturing_processors(self, store) -> dict[str, tuple[Any, Any]]:
         """{layer name: (attention module, capturing processor)} for the text-attention layers `store` wants:
         a UNet's cross-attention (attn2) layers (diffusion/processors.py)."""
@@ -317,8 +327,8 @@ class DiffusionParts:
 
     # ----- samplers -----------------------------------------------------------------------------------------
     def sampler(self, steps: int, latent_shape: tuple[int, ...], setting: str = "num_steps"):
-        """A deterministic sampler over `steps` steps with the model's own schedule: DDIM (eta 0) for VP families,
-        with its timesteps set on the denoiser's device.
+        """A deterministic sampler over `steps` steps with the model's own schedule: DDIM (eta 0) for VP families.
+        Its grid stays on the host (every family): the loops move it to the device once (sampling.py).
 
         Raises:
             SettingsError: naming `setting` when the grid does not fit the model's timesteps.
@@ -331,13 +341,13 @@ class DiffusionParts:
         if not 1 <= int(steps) <= total:
             raise SettingsError(f"{setting}={steps}: a sampler grid needs 1 to {total} steps (the model's training timesteps)")
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(int(steps), device=self.device)
+        scheduler.set_timesteps(int(steps))
         check_grid_range(scheduler.timesteps, total, setting)
         return scheduler
 
     def attention_timesteps(self, num_steps: int, start_step: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """The timesteps at which stage 1 reads attention: the last `start_step` of the `num_steps` sampler grid
-        (for SD's 1000-step schedule, T=50 and T0=40: 781, 761, ..., 1).
+        (for SD's 1000-step schedule, T=50 and T0=40: 781, 761, ..., 1), on the host.
 
         Raises:
             ValueError: naming `masks.module.num_steps` / `masks.module.start_step` unless

@@ -55,13 +55,6 @@ def concept_attention_mass(
     return torch.cat(masses, dim=2)
 
 
-def _key_index(store: Any, offset: int, device: torch.device) -> torch.Tensor | None:
-    """The concept tokens' positions on a joint key axis where the text tokens start at `offset`."""
-    if store.token_indices is None:
-        return None
-    return torch.tensor([offset + i for i in store.token_indices], dtype=torch.long, device=device)
-
-
 def _fused_attention(query, key, value) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(output (B, H, Nq, D), log-normaliser (B, H, Nq) float32) of softmax attention with the default scale, from
     the flash-attention kernel that also returns the normaliser; None where PyTorch has none for these inputs.
@@ -161,7 +154,7 @@ class CapturingAttnProcessor:
             self.store(self.layer_name, probs.flatten(0, 1), attn.heads)
             hidden_states = (probs @ value.float()).to(query.dtype)
         elif encoder_hidden_states is not None and attention_mask is None and self.store.enabled:
-            index = _key_index(self.store, 0, query.device)
+            index = self.store.key_index(0, query.device)
             hidden_states, mass = attention_with_concept_mass(query, key, value, index, slice(None))
             self.store.add_mass(self.layer_name, mass)
         else:
@@ -169,7 +162,7 @@ class CapturingAttnProcessor:
             if encoder_hidden_states is not None and self.store.enabled:  # a masked cross-attention (rare)
                 probs = torch.softmax(query.float() @ key.float().transpose(-1, -2) * head_dim**-0.5
                                       + attention_mask.float(), dim=-1)
-                index = _key_index(self.store, 0, query.device)
+                index = self.store.key_index(0, query.device)
                 self.store.add_mass(self.layer_name, probs.sum(-1) if index is None else probs[..., index].sum(-1))
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
@@ -216,7 +209,7 @@ class CapturingJointAttnProcessor:
                 attn.norm_added_q, attn.norm_added_k)
             query, key, value = (torch.cat(pair, dim=2) for pair in ((query, text_q), (key, text_k), (value, text_v)))
         if encoder_hidden_states is not None and self.store.enabled:
-            index = _key_index(self.store, image_tokens, query.device)
+            index = self.store.key_index(image_tokens, query.device)
             hidden_states, mass = attention_with_concept_mass(query, key, value, index, slice(0, image_tokens))
             self.store.add_mass(self.layer_name, mass)
         else:
@@ -264,7 +257,7 @@ class CapturingFluxAttnProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        index, image = _key_index(self.store, 0, query.device), slice(query.shape[1] - self.image_tokens, None)
+        index, image = self.store.key_index(0, query.device), slice(query.shape[1] - self.image_tokens, None)
         default_kernel = self._attention_backend is None and self._parallel_config is None and attention_mask is None
         if self.store.enabled and default_kernel:
             # diffusers' default backend is torch's SDPA on (B, H, S, D): the same kernel, with the normaliser

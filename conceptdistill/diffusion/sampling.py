@@ -54,10 +54,11 @@ def sample_latents(
     cond = parts.encode_prompts(prompts)
     uncond = parts.encode_prompts([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
     extra = _text_to_image_extra_input(parts, latents)
-    for index, t in enumerate(scheduler.timesteps):
+    grid = _grid(parts, scheduler)
+    for index, (t_host, t) in enumerate(grid):
         model_input = parts.sampler_input(scheduler, latents, t)
         output = predict_noise(parts, model_input, t, cond, uncond, guidance_scale, extra)
-        latents = parts.sampler_step(scheduler, output, t, latents, last=index + 1 == len(scheduler.timesteps))
+        latents = parts.sampler_step(scheduler, output, t_host, latents, last=index + 1 == len(grid))
     return latents
 
 
@@ -81,18 +82,34 @@ def inpaint_latents(
     cond = parts.encode_prompts(prompts)
     uncond = parts.encode_prompts([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
     extra = torch.cat([mask, known_latents * (1 - mask)], dim=1) if parts.denoiser_in_channels > shape[0] else None
-    timesteps = scheduler.timesteps
-    for index, t in enumerate(timesteps):
+    grid = _grid(parts, scheduler)
+    # the known region's fresh noise for every step after the first, drawn in step order and moved in one copy
+    fresh = noise_draws(len(grid) - 1, generators, shape, parts.device, parts.dtype)
+    for index, (t_host, t) in enumerate(grid):
         model_input = parts.sampler_input(scheduler, latents, t)
         output = predict_noise(parts, model_input, t, cond, uncond, guidance_scale, extra)
-        latents = parts.sampler_step(scheduler, output, t, latents, last=index + 1 == len(timesteps))
-        if index + 1 < len(timesteps):
-            fresh = randn_tensor((len(generators), *shape), generator=generators, device=parts.device, dtype=parts.dtype)
-            known = parts.renoise(scheduler, known_latents, fresh, timesteps[index + 1])
-        else:
-            known = known_latents
+        latents = parts.sampler_step(scheduler, output, t_host, latents, last=index + 1 == len(grid))
+        known = known_latents if index + 1 == len(grid) else parts.renoise(scheduler, known_latents, fresh[index], grid[index + 1][1])
         latents = mask * latents + (1 - mask) * known
     return latents
+
+
+def _grid(parts: DiffusionParts, scheduler) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The sampler's timesteps as (host, device) pairs of scalar tensors: the scheduler's own arithmetic looks
+    its tables up with the host one, the denoiser takes the device one. (Indexing with a GPU scalar reads it
+    back, and on a GPU each read back waits for all queued work, once per step.)"""
+    return list(zip(scheduler.timesteps, scheduler.timesteps.to(parts.device), strict=True))
+
+
+def noise_draws(
+    count: int, generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """(count, B, *shape) standard normal draws on `device`: draw k of sample i is the k-th draw of `generators[i]`
+    (the same values as `count` successive `randn_tensor` calls). Made on the generators' device and moved in
+    one copy: a copy per step would make a GPU wait for the host before every step."""
+    host = generators[0].device
+    draws = [randn_tensor((len(generators), *shape), generator=generators, device=host, dtype=dtype) for _ in range(count)]
+    return (torch.stack(draws) if draws else torch.empty(0, len(generators), *shape, dtype=dtype)).to(device)
 
 
 def _text_to_image_extra_input(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor | None:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from conceptdistill.diffusion.attention import AttentionStore, capture_attention
 from conceptdistill.diffusion.concept_attention import ConceptAttentionStore, concept_set
 from conceptdistill.diffusion.parts import concat_conditioning, register_parts
+from conceptdistill.diffusion.sampling import noise_draws
 from conceptdistill.maskmath import binarize_map, close_and_fill_holes
 from conceptdistill.utils.seeding import sample_generators
 
@@ -93,20 +93,21 @@ class AttentionMaskGenerator(pl.LightningModule):
         if self.parts.denoiser_in_channels > latents.shape[1]:  # a 9-channel UNet: "repaint everything"
             extra = torch.cat([torch.ones_like(latents[:, :1]), torch.zeros_like(latents)], dim=1)
         timesteps = self.parts.attention_timesteps(self.num_steps, self.start_step, tuple(latents.shape[1:]))
+        timesteps = timesteps.to(self.device)
+        # a fresh noise draw per step and sample, in step order (so the maps do not depend on
+        # `timesteps_per_call`), all drawn on the generators' device first and moved in one copy: a copy per
+        # step would make a GPU wait for the host before every pass
+        noises = noise_draws(len(timesteps), generators, tuple(latents.shape[1:]), self.device, latents.dtype)
         steps = max(1, int(self.timesteps_per_call))
         with capture_attention(self.parts, store):
             for first in range(0, len(timesteps), steps):
-                chunk = timesteps[first : first + steps]
-                # a fresh noise draw per step and sample, in step order whatever the chunking (so the maps do not
-                # depend on `timesteps_per_call`); the denoiser's prediction itself is not needed
-                noisy, timestep = [], []
-                for t in chunk:
-                    noise = randn_tensor(tuple(latents.shape), generator=generators, device=self.device, dtype=latents.dtype)
-                    timestep.append(t.to(self.device).expand(len(ids)))
+                noisy, timestep = [], []  # the denoiser's prediction itself is not needed
+                for t, noise in zip(timesteps[first : first + steps], noises[first : first + steps], strict=True):
+                    timestep.append(t.expand(len(ids)))
                     noisy.append(self.parts.add_noise(latents, noise, timestep[-1]))  # the model's forward process
-                store.steps_per_call = len(chunk)  # the batch is step-major: len(chunk) copies of the images
-                self.parts.predict(torch.cat(noisy), torch.cat(timestep), concat_conditioning(*[cond] * len(chunk)),
-                                   None if extra is None else torch.cat([extra] * len(chunk)))
+                store.steps_per_call = len(noisy)  # the batch is step-major: len(noisy) copies of the images
+                self.parts.predict(torch.cat(noisy), torch.cat(timestep), concat_conditioning(*[cond] * len(noisy)),
+                                   None if extra is None else torch.cat([extra] * len(noisy)))
         return store.mean().float(), store
 
     def binarize(self, attention: np.ndarray) -> np.ndarray:

@@ -101,7 +101,7 @@ class FlowMatchingParts(DiffusionParts):
                 image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                 config.get("base_shift", 0.5), config.get("max_shift", 1.15),
             )
-        scheduler.set_timesteps(int(steps), device=self.device, **kwargs)
+        scheduler.set_timesteps(int(steps), **kwargs)  # on the host, as DiffusionParts.sampler explains
         return scheduler
 
     def sampler_input(self, scheduler, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,9 @@ class FluxParts(FlowMatchingParts):
             raise ValueError("FLUX models take no inpainting input (finetune=inpaint9 is for UNets)")
         batch, channels, height, width = latents.shape
         packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+        image_ids = self.denoiser_constant(
+            ("image_ids", height, width, latents.device, latents.dtype),
+            lambda: FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype))
         text = cond["encoder_hidden_states"]
         text_ids = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = None

@@ -67,7 +67,9 @@ class StableDiffusionXLParts(DiffusionParts):
         """The UNet's output with SDXL's added conditioning: pooled text and the time ids
         (original size, crop top-left, target size) = (H, W, 0, 0, H, W) of the image being denoised."""
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=latents.device, dtype=latents.dtype)
+        time_ids = self.denoiser_constant(
+            ("time_ids", height, width, latents.device, latents.dtype),
+            lambda: torch.tensor([[height, width, 0, 0, height, width]], device=latents.device, dtype=latents.dtype))
         model_input = latents if extra_input is None else torch.cat([latents, extra_input], dim=1)
         added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids.expand(latents.shape[0], -1)}
         return self.denoiser(
