@@ -43,3 +43,15 @@ def test_real_size_configs_build_the_published_architectures(family):
     expected = {"sd15": 0.86, "sdxl": 2.57, "sd3": 2.03, "sd35": 8.06, "flux": 11.9}[family]
     assert abs(billions - expected) / expected < 0.03, billions
     assert parts.latent_shape_for(bench.SHAPES[family][2])[1] == (64 if family == "sd15" else 128)
+
+
+def test_meta_mode_finds_no_point_per_pass_where_a_gpu_would_wait(tmp_path):
+    """`--device meta` counts, per denoiser pass, the blocking copies and read-backs of the masks loop (tiny
+    models here; the record runs the published architectures); the capture adds none."""
+    with one_torch_thread():
+        record = _module().main(["--dry", "--device", "meta", "--families", "sd15", "sdxl", "flux",
+                                 "--out", str(tmp_path / "sync_points.json")])
+    for row in record["rows"]:
+        assert row["plain_syncs_per_pass"] == 0 and row["capture_syncs_per_pass"] == 0, row
+    table = (tmp_path / "sync_points.md").read_text()
+    assert "| sd15 |" in table and "capture_syncs_per_pass" in table

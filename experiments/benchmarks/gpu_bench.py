@@ -10,7 +10,12 @@ conceptdistill/diffusion/model_configs/):
 - peak GPU memory of each.
 Text encoders and the VAE are left out: the method encodes its few prompts once and each image once.
 
+- the points per denoiser pass where the host waits for the device (blocking copies, values read back): on a
+  GPU counted by torch's sync debug mode; with ``--device meta`` (any machine, no memory: shapes only) found by
+  `DeviceTraffic` (conceptdistill/utils/device_traffic.py), with the line that causes each.
+
     python experiments/benchmarks/gpu_bench.py --device cuda --out experiments/benchmarks/gpu.json
+    python experiments/benchmarks/gpu_bench.py --device meta --out experiments/benchmarks/sync_points.json
     python experiments/benchmarks/gpu_bench.py --dry      # tiny models on the CPU, seconds (a test runs it)
 Results: gpu.json and gpu.md beside this file (the command and date are recorded in both).
 """
@@ -24,6 +29,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -143,13 +149,14 @@ def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
     row = {"family": family, "image_side": side, "batch": batch,
            "parameters_M": round(sum(p.numel() for p in parts.denoiser.parameters()) / 1e6, 1)}
 
-    def passes(capture: bool, per_call: int = 1):
-        """args.steps denoiser passes per image, `per_call` timesteps batched into each call."""
+    def passes(capture: bool, per_call: int = 1, steps: int | None = None):
+        """`steps` (default args.steps) denoiser passes per image, `per_call` timesteps batched into each call."""
+        steps = args.steps if steps is None else steps
         store = AttentionStore([5], tuple(latent_shape[-2:]))
         batched = concat_conditioning(*[cond] * per_call)
         with torch.no_grad(), (capture_attention(parts, store) if capture else contextlib.nullcontext()):
-            for first in range(0, args.steps, per_call):
-                chunk = timesteps[first : min(first + per_call, args.steps)]
+            for first in range(0, steps, per_call):
+                chunk = timesteps[first : min(first + per_call, steps)]
                 step = torch.cat([t.expand(batch) for t in chunk])
                 repeated = latents.repeat(len(chunk), 1, 1, 1)
                 noisy = parts.add_noise(repeated, torch.randn_like(repeated), step)
@@ -157,6 +164,9 @@ def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
                 parts.predict(noisy, step, batched if len(chunk) == per_call else concat_conditioning(*[cond] * len(chunk)))
         return store
 
+    if device == "meta":  # shapes only: where the host would wait, nothing timed
+        return {**row, **sync_points(passes, device)}
+    row.update(sync_points(passes, device))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         parts.predict(latents, timesteps[:1].expand(batch), cond)
     flops_per_pass = counter.get_total_flops()  # the whole batch
@@ -183,6 +193,39 @@ def bench_family(family: str, args, device: str, dtype: torch.dtype) -> dict:
         row.update(bench_finetune(build_parts(family, device, dtype, dry=args.dry), lora_batch, latent_shape, args,
                                   sync, cuda, "full"))
     return row
+
+
+def sync_points(passes, device: str) -> dict:
+    """Points per denoiser pass where the host waits for the device, plain and capturing: the difference
+    between 6 and 2 passes, over 4. On CUDA torch's sync debug mode counts them (each one warns); on the meta
+    device `DeviceTraffic` finds them, and "*_sync_lines" names the lines. Elsewhere (a CPU run) nothing."""
+    result = {}
+    for name, capture in (("plain", False), ("capture", True)):
+        if device.startswith("cuda"):
+            counts = []
+            for steps in (2, 6):
+                torch.cuda.synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        passes(capture, steps=steps)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+            result[f"{name}_syncs_per_pass"] = (counts[1] - counts[0]) / 4
+        elif device == "meta":
+            from conceptdistill.utils.device_traffic import DeviceTraffic
+
+            runs = []
+            for steps in (2, 2, 6):  # the first run makes what is made once
+                with DeviceTraffic() as traffic:
+                    passes(capture, steps=steps)
+                runs.append(traffic)
+            growth = runs[2].growth(runs[1])
+            result[f"{name}_syncs_per_pass"] = sum(many - few for few, many in growth.values()) / 4
+            result[f"{name}_sync_lines"] = "; ".join(f"{where} ({(many - few) / 4:g})" for (_, where), (few, many) in growth.items())
+    return result
 
 
 def bench_variants(parts, passes, batch: int, flops_per_pass: float, args, sync, cuda: bool, compile_too: bool) -> dict:
@@ -260,9 +303,11 @@ def bench_finetune(parts, batch: int, latent_shape, args, sync, cuda: bool, vari
 
 
 def markdown(record: dict) -> str:
+    if record["device"] == "meta":
+        return sync_markdown(record)
     keys = ["family", "image_side", "parameters_M", "batch", "plain_passes_per_s", "capture_passes_per_s",
             "capture_overhead", "masks_images_per_s", "gflop_per_pass", "capture_tflops", "capture_fraction_of_peak",
-            "masks_peak_GiB", "steps4_images_per_s", "channels_last_images_per_s", "compile_images_per_s",
+            "masks_peak_GiB", "plain_syncs_per_pass", "capture_syncs_per_pass", "steps4_images_per_s", "channels_last_images_per_s", "compile_images_per_s",
             "all_images_per_s", "all_tflops", "compile_seconds", "finetune_batch", "lora_steps_per_s", "lora_peak_GiB", "lora_gc_steps_per_s",
             "lora_gc_peak_GiB", "full_steps_per_s", "full_peak_GiB"]
     lines = [f"# GPU benchmark ({record['device']})", "", f"`{record['command']}` on {record['date']}; "
@@ -272,6 +317,25 @@ def markdown(record: dict) -> str:
              "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in record["rows"]:
         lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sync_markdown(record: dict) -> str:
+    """The --device meta record: points per pass where a GPU would wait for the host, and their lines."""
+    lines = [
+        "# Where the masks stage's passes make a GPU wait for the host", "",
+        f"`{record['command']}` on {record['date']} (torch {record['torch']}): each family's published architecture "
+        "on the meta device (shapes only, nothing computed), the benchmark's masks loop with and without attention "
+        "capture; blocking host/device copies and values read back per denoiser pass (6 passes minus 2, over 4), "
+        "found by conceptdistill/utils/device_traffic.py. On a GPU each such point drains the queue of kernels the "
+        "host has launched ahead.", "",
+        "| family | parameters_M | image_side | batch | plain_syncs_per_pass | capture_syncs_per_pass | lines (per pass) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        lines.append(f"| {row['family']} | {row.get('parameters_M', '')} | {row.get('image_side', '')} | {row.get('batch', '')} | "
+                     f"{row.get('plain_syncs_per_pass', row.get('error', ''))} | {row.get('capture_syncs_per_pass', '')} | "
+                     f"{row.get('capture_sync_lines') or row.get('plain_sync_lines') or ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,8 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "within 4.5 minutes on an H200, so it is off by default)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (a .md is written beside it)")
     args = parser.parse_args(argv)
-    if args.dry:
-        args.device, args.steps, args.repeats = "cpu", 2, 1
+    if args.dry:  # tiny models: on the CPU, or on the meta device to find the sync points
+        args.device, args.steps, args.repeats = ("meta" if args.device == "meta" else "cpu"), 2, 1
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -301,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
         except torch.OutOfMemoryError as err:  # recorded, not hidden: the table says which size did not fit
             rows.append({"family": family, "error": f"out of memory: {err}"[:200]})
         print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda") else "meta" if args.device == "meta"
+              else platform.processor() or "cpu")
     command = ["python", "experiments/benchmarks/gpu_bench.py", *(sys.argv[1:] if argv is None else argv)]
     record = {"device": device, "date": datetime.date.today().isoformat(), "command": " ".join(command),
               "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__, "rows": rows}
