@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Read by huggingface_hub at import time: nothing in the tests may reach a hub.
@@ -11,6 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# File digests (utils/digests.py) are remembered in a cache of the session's own, never the user's.
+os.environ["CONCEPTDISTILL_CACHE"] = tempfile.mkdtemp(prefix="conceptdistill-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CONCEPTDISTILL_CACHE"], True)
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,74 @@
+"""File digests remembered across processes: read once while a file is unchanged, read again after any write,
+even one that restores the file's size and modification time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from conceptdistill.diffusion.fingerprint import model_fingerprint
+from conceptdistill.utils import digests
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPTDISTILL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / digests.CACHE_FILE
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the files whose content is read."""
+    count = {"files": 0}
+    original = hashlib.file_digest
+
+    def counting(handle, name):
+        count["files"] += 1
+        return original(handle, name)
+
+    monkeypatch.setattr(hashlib, "file_digest", counting)
+    return count
+
+
+def model_folder(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    return folder
+
+
+def test_a_digest_is_read_once_while_the_file_is_unchanged(tmp_path, cache, reads):
+    folder = model_folder(tmp_path)
+    first = model_fingerprint(folder)
+    assert reads["files"] == 2 and cache.exists()
+    assert model_fingerprint(folder) == first and reads["files"] == 2  # a later command reads nothing
+    entries = json.loads(cache.read_text())
+    expected = hashlib.sha256((folder / "unet" / "weights.bin").read_bytes()).hexdigest()
+    assert entries[str((folder / "unet" / "weights.bin").resolve())]["sha256"] == expected
+
+
+def test_weights_rewritten_at_the_same_size_and_time_are_a_new_model(tmp_path, cache, reads):
+    """A merge written over the weights, with the old modification time put back (`cp -p`, `touch -r`): the
+    file's status-change time still moves, so the fingerprint does too. (The cache of earlier versions, keyed on
+    size and modification time within the process, returned the old fingerprint.)"""
+    folder = model_folder(tmp_path)
+    weights = folder / "unet" / "weights.bin"
+    before, stat = model_fingerprint(folder), weights.stat()
+    weights.write_bytes(bytes(reversed(range(256))) * 64)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert model_fingerprint(folder) != before
+    assert reads["files"] == 3
+
+
+def test_a_corrupt_or_unwritable_cache_only_costs_reading(tmp_path, cache, reads, monkeypatch):
+    folder = model_folder(tmp_path)
+    expected = model_fingerprint(folder)
+    cache.write_text("{not json")
+    assert model_fingerprint(folder) == expected and reads["files"] == 4
+    monkeypatch.setenv("CONCEPTDISTILL_CACHE", str(folder / "model_index.json"))  # a file, not a folder
+    assert model_fingerprint(folder) == expected
