@@ -298,6 +298,11 @@ class RunContext:
         if self.full_cfg.get("quiet"):
             kwargs["enable_progress_bar"] = False
         kwargs = {key: value for key, value in kwargs.items() if key not in configured}
+        shown = overrides.get("enable_progress_bar", kwargs.get("enable_progress_bar", configured.get("enable_progress_bar", True)))
+        if "max_steps" in overrides and shown:  # a step budget: the bar counts steps against it
+            from conceptdistill.utils.console import step_progress_bar
+
+            overrides["callbacks"] = [*overrides.get("callbacks", []), step_progress_bar(stage)]
         if "max_steps" in overrides and "log_every_n_steps" in overrides:
             # a logging interval longer than the run logs nothing (and Lightning warns about it)
             overrides["log_every_n_steps"] = max(1, min(overrides["log_every_n_steps"], overrides["max_steps"]))

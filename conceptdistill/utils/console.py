@@ -65,3 +65,41 @@ def set_quiet(quiet: bool) -> None:
         # Lightning sets its own loggers to INFO, so the root level alone would not quiet them.
         for name in ("", "pytorch_lightning", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def step_progress_bar(description: str):
+    """Lightning's own progress bar (Rich where it is installed, else tqdm) for a training stage with a step
+    budget (`max_steps` on an endless stream, `max_epochs=-1`), labelled `description` and counting optimizer
+    steps against `max_steps`. Lightning's bar labels such training "Epoch 0/-2" (Rich) and, after a resume,
+    counts on from the restored step against the steps left ("200/194")."""
+    from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE, RichProgressBar
+    from pytorch_lightning.callbacks.progress.tqdm_progress import TQDMProgressBar
+
+    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
+
+    class StepProgressBar(base):
+        @property
+        def total_train_batches(self):
+            trainer = self.trainer
+            if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+                return trainer.max_steps
+            return super().total_train_batches
+
+        @property
+        def train_description(self) -> str:  # the label a bar starts with
+            return description
+
+        def _get_train_description(self, current_epoch: int) -> str:  # Rich's label of each epoch's bar
+            return description
+
+        def init_train_tqdm(self):  # a resumed epoch does not pass through on_train_epoch_start
+            bar = super().init_train_tqdm()
+            bar.total = self.total_train_batches
+            return bar
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            super().on_train_epoch_start(trainer, module)
+            if isinstance(self, TQDMProgressBar):  # tqdm's label, reset by the line above
+                self.train_progress_bar.set_description(description)
+
+    return StepProgressBar()
