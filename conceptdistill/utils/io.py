@@ -65,6 +65,30 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def files_under(folder: str | os.PathLike, *, skip_hidden: bool = False) -> list[Path]:
+    """Every regular file under `folder`, in path order, also inside linked folders (`Path.rglob` does not
+    enter those before Python 3.13), each real folder once so that a link cycle ends. `skip_hidden` leaves out
+    entries whose name starts with "." and everything under them (.git/, .cache/, .gitattributes)."""
+    found: list[Path] = []
+    seen: set[Path] = set()
+
+    def walk(current: Path) -> None:
+        real = current.resolve()
+        if real in seen:
+            return
+        seen.add(real)
+        for path in sorted(current.iterdir(), key=lambda p: p.name):
+            if skip_hidden and path.name.startswith("."):
+                continue
+            if path.is_dir():
+                walk(path)
+            elif path.is_file():
+                found.append(path)
+
+    walk(Path(folder))
+    return sorted(found)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_write(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,15 @@ def test_chest_xray_ms_cxr_style(tmp_path):
     assert np.array_equal(first["mask"].numpy(), boxes_to_mask(SIZE, SIZE, [(4, 4, 8, 12)]))
     by_dicom = ChestXrayDataModule(root=root, **kw(path_column="dicom_id"))
     assert {s["id"] for s in by_dicom.dataset("test")} == {"d004"}
+
+
+def test_chest_xray_images_in_a_linked_folder_are_found_by_dicom_id(tmp_path):
+    """images/files/ kept on another disk and linked in: found by dicom id as in a plain tree."""
+    root = make_chest_xray(tmp_path)
+    shutil.move(root / "images" / "files", tmp_path / "elsewhere")
+    (root / "images" / "files").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    by_dicom = ChestXrayDataModule(root=root, **kw(path_column="dicom_id"))
+    assert [len(by_dicom.dataset(s)) for s in ("train", "val", "test")] == [3, 1, 1]
 
 
 # =========================================================================================== image folder

@@ -72,3 +72,33 @@ def test_a_corrupt_or_unwritable_cache_only_costs_reading(tmp_path, cache, reads
     assert model_fingerprint(folder) == expected and reads["files"] == 4
     monkeypatch.setenv("CONCEPTDISTILL_CACHE", str(folder / "model_index.json"))  # a file, not a folder
     assert model_fingerprint(folder) == expected
+
+
+def test_a_linked_subfolder_is_part_of_the_model(tmp_path, cache):
+    """A fine-tuned unet/ linked into a base model: pointing the link at other weights is another model. (The
+    listing once skipped linked folders, and a masks stage made from other weights was reused.)"""
+    folder = model_folder(tmp_path)
+    for name, byte in (("unet_a", 1), ("unet_b", 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.bin").write_bytes(bytes([byte]) * 1024)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "model_index.json").write_text("{}")
+    (linked / "unet").symlink_to(tmp_path / "unet_a", target_is_directory=True)
+    first = model_fingerprint(linked)
+    (linked / "unet").unlink()
+    (linked / "unet").symlink_to(tmp_path / "unet_b", target_is_directory=True)
+    assert model_fingerprint(linked) != first
+    (tmp_path / "unet_b" / "loop").symlink_to(linked, target_is_directory=True)  # a cycle ends
+    assert model_fingerprint(linked)
+    assert model_fingerprint(folder)
+
+
+def test_hidden_entries_are_not_part_of_the_model(tmp_path, cache):
+    """A model kept in git or downloaded with a local cache folder: those entries change without the weights."""
+    folder = model_folder(tmp_path)
+    first = model_fingerprint(folder)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "index").write_bytes(b"changes on every git status")
+    (folder / ".gitattributes").write_text("*.bin filter=lfs")
+    assert model_fingerprint(folder) == first

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conceptdistill.data.datasets.box_csv import BoxCSVDataModule, float_or_none
 from conceptdistill.data.decoding import IMAGE_EXTENSIONS
+from conceptdistill.utils.io import files_under
 
 
 class ChestXrayDataModule(BoxCSVDataModule):
@@ -58,7 +59,7 @@ class ChestXrayDataModule(BoxCSVDataModule):
     def _stems(self) -> dict[str, Path]:
         """File stem -> the first image (in path order) with that stem under images/ (for dicom_id rows)."""
         stems: dict[str, Path] = {}
-        for path in sorted((self.root / self.images_dir_name).rglob("*")):
+        for path in files_under(self.root / self.images_dir_name):  # linked folders too
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 stems.setdefault(path.stem, path)
         return stems
