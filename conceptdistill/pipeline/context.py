@@ -96,8 +96,11 @@ class RunContext:
 
     @cached_property
     def data_fingerprint(self) -> str | None:
-        """Hash of the data set's files as listed (id, path, size, modification time of each image and mask),
-        so that files replaced or added under a data root invalidate finished work; None for generated data."""
+        """Hash of the data set's files as listed (id, path, and `utils.digests.file_state` of each image and
+        mask: size, modification and status-change times), so that files replaced or added under a data root
+        invalidate finished work; None for generated data."""
+        from conceptdistill.utils.digests import file_state
+
         records = self.datamodule.records
         if records("test") is None:  # generated data lists no files
             return None
@@ -106,8 +109,8 @@ class RunContext:
             for record in records(split):
                 hasher.update(f"{split}\0{record.id}\0{record.boxes}\0{record.box_frame}".encode())
                 for path in (record.image, record.mask):
-                    stat = os.stat(path) if path is not None and os.path.exists(path) else None
-                    hasher.update(f"\0{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}".encode())
+                    state = file_state(path) if path is not None and os.path.exists(path) else None
+                    hasher.update(f"\0{path}\0{state}".encode())
         return hasher.hexdigest()[:16]
 
     def is_complete(self, stage: str) -> bool:

@@ -27,6 +27,7 @@ from conceptdistill.pipeline.config import result_settings
 from conceptdistill.pipeline.context import RunContext
 from conceptdistill.pipeline.layout import open_output_folder
 from conceptdistill.pipeline.registry import StageError, register_stage
+from conceptdistill.utils.digests import file_state
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,14 @@ class OriginalSizeMaskWriter(SampleWriter):
 
 def prediction_fingerprint(ctx: RunContext, checkpoint: Path, records, image_size: int) -> str:
     """Hash of what makes a folder of predicted masks: the checkpoint's content, the settings, and each input
-    image's path, size and modification time."""
+    image's path and `file_state` (size, modification and status-change times)."""
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     digest.update(json.dumps([result_settings(ctx.cfg, ("predict",)), image_size], sort_keys=True).encode())
     for record in records:
-        stat = Path(record.image).stat()
-        digest.update(f"{record.id}\0{Path(record.image).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{record.id}\0{Path(record.image).resolve()}\0{file_state(record.image)}\n".encode())
     return digest.hexdigest()[:16]
 
 

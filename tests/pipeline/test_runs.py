@@ -314,6 +314,15 @@ def test_extra_trainer_arguments_and_replaced_data_files_invalidate_work(finishe
     assert "masks" not in stale_stages(tmp_path / "folder-run", base)
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(folder / "a.png")  # same name, new picture
     assert "masks" in stale_stages(tmp_path / "folder-run", base)
+    run(compose(base, run_dir=tmp_path / "folder-run"))
+    # rewritten at the same size, its modification time put back (`cp -p`, `touch -r`): still another picture
+    picture, stat = folder / "a.png", (folder / "a.png").stat()
+    content = bytearray(picture.read_bytes())
+    content[-20] ^= 0xFF
+    picture.write_bytes(bytes(content))
+    os.utime(picture, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (picture.stat().st_size, picture.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert "masks" in stale_stages(tmp_path / "folder-run", base)
 
 
 def test_the_report_never_mixes_results_of_different_settings(finished_run, tmp_path):
