@@ -51,3 +51,15 @@ def test_a_resumed_stage_counts_its_steps_against_its_budget(tmp_path, capsys, m
     out = (captured.out + captured.err).replace("\r", "\n")
     assert "segment-refined" in out and "Epoch" not in out
     assert "20/20" in out and "20/10" not in out
+    if not rich:  # tqdm starts at the restored step, and its speed counts only this run's batches
+        assert "Training" not in out and "| 10/20" in out
+
+
+def test_with_gradient_accumulation_the_bar_counts_the_batches_of_the_budget(tmp_path, capsys):
+    ctx = RunContext(compose(["logger=none"], run_dir=tmp_path / "run"))
+    trainer = ctx.trainer("finetune", max_steps=5, max_epochs=-1, accumulate_grad_batches=2,
+                          default_root_dir=str(tmp_path / "fit"))
+    trainer.fit(Regression(), torch.utils.data.DataLoader(Endless(), batch_size=4))
+    captured = capsys.readouterr()
+    out = (captured.out + captured.err).replace("\r", "\n")
+    assert trainer.global_step == 5 and "10/10" in out and "10/5" not in out

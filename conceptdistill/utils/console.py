@@ -69,9 +69,10 @@ def set_quiet(quiet: bool) -> None:
 
 def step_progress_bar(description: str):
     """Lightning's own progress bar (Rich where it is installed, else tqdm) for a training stage with a step
-    budget (`max_steps` on an endless stream, `max_epochs=-1`), labelled `description` and counting optimizer
-    steps against `max_steps`. Lightning's bar labels such training "Epoch 0/-2" (Rich) and, after a resume,
-    counts on from the restored step against the steps left ("200/194")."""
+    budget (`max_steps` on an endless stream, `max_epochs=-1`), labelled `description` and counting batches
+    against the batches `max_steps` takes (max_steps x trainer.accumulate_grad_batches), from where a resumed
+    run starts. Lightning's bar labels such training "Epoch 0/-2" (Rich) and, after a resume, counts on from the
+    restored step against the steps left ("200/194")."""
     from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE, RichProgressBar
     from pytorch_lightning.callbacks.progress.tqdm_progress import TQDMProgressBar
 
@@ -82,7 +83,7 @@ def step_progress_bar(description: str):
         def total_train_batches(self):
             trainer = self.trainer
             if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-                return trainer.max_steps
+                return trainer.max_steps * trainer.accumulate_grad_batches
             return super().total_train_batches
 
         @property
@@ -95,6 +96,9 @@ def step_progress_bar(description: str):
         def init_train_tqdm(self):  # a resumed epoch does not pass through on_train_epoch_start
             bar = super().init_train_tqdm()
             bar.total = self.total_train_batches
+            # a resumed run starts at its restored step; its speed counts only the batches it runs itself
+            bar.n = bar.initial = bar.last_print_n = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            bar.refresh()
             return bar
 
         def on_train_epoch_start(self, trainer, module) -> None:
