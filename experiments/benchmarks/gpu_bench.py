@@ -310,10 +310,11 @@ def markdown(record: dict) -> str:
             "masks_peak_GiB", "plain_syncs_per_pass", "capture_syncs_per_pass", "steps4_images_per_s", "channels_last_images_per_s", "compile_images_per_s",
             "all_images_per_s", "all_tflops", "compile_seconds", "finetune_batch", "lora_steps_per_s", "lora_peak_GiB", "lora_gc_steps_per_s",
             "lora_gc_peak_GiB", "full_steps_per_s", "full_peak_GiB"]
+    models = ("tiny models of each family in float32: a check of the script, not a measurement" if record.get("dry")
+              else "bf16 weights, random values, the published architectures (conceptdistill/diffusion/model_configs/)")
     lines = [f"# GPU benchmark ({record['device']})", "", f"`{record['command']}` on {record['date']}; "
-             f"{record['steps']} denoiser passes per timing, median of {record['repeats']}; bf16 weights, random "
-             "values, the published architectures (conceptdistill/diffusion/model_configs/). One masks-stage image "
-             "costs 40 passes (T0 = 40). TFLOP/s: FLOPs of the useful (plain) pass per second of the capturing pass.",
+             f"{record['steps']} denoiser passes per timing, median of {record['repeats']}; {models}. One masks-stage "
+             "image costs 40 passes (T0 = 40). TFLOP/s: FLOPs of the useful (plain) pass per second of the capturing pass.",
              "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in record["rows"]:
         lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
@@ -341,8 +342,9 @@ def sync_markdown(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--families", nargs="+", default=list(SHAPES))
+    parser.add_argument("--device", default=None,
+                        help="cuda (the default where there is a GPU), meta (sync points only: any machine) or cpu")
+    parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=10, help="denoiser passes per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry", action="store_true", help="tiny models on the CPU (seconds): checks the script")
@@ -353,8 +355,18 @@ def main(argv: list[str] | None = None) -> dict:
                              "within 4.5 minutes on an H200, so it is off by default)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (a .md is written beside it)")
     args = parser.parse_args(argv)
+    from conceptdistill.utils.console import quiet_dependencies
+
+    quiet_dependencies()  # no weight-loading bars
     if args.dry:  # tiny models: on the CPU, or on the meta device to find the sync points
         args.device, args.steps, args.repeats = ("meta" if args.device == "meta" else "cpu"), 2, 1
+    elif args.device is None and not torch.cuda.is_available():
+        parser.error("no GPU here: use --dry (tiny models, checks the script), --device meta (sync points of the "
+                     "real architectures, shapes only) or --device cpu (the real sizes in float32: slow; FLUX "
+                     "needs about 48 GB of memory)")
+    args.device = args.device or "cuda"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no GPU here")
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -369,7 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
               else platform.processor() or "cpu")
     command = ["python", "experiments/benchmarks/gpu_bench.py", *(sys.argv[1:] if argv is None else argv)]
     record = {"device": device, "date": datetime.date.today().isoformat(), "command": " ".join(command),
-              "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__, "rows": rows}
+              "dry": args.dry, "torch": torch.__version__, "rows": rows}
+    if device != "meta":  # the meta mode times nothing
+        record.update(steps=args.steps, repeats=args.repeats)
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(markdown(record))
