@@ -11,6 +11,7 @@ one computed from the same, unchanged file.
 
 The cache lives in $CONCEPTDISTILL_CACHE, else $XDG_CACHE_HOME/conceptdistill, else ~/.cache/conceptdistill.
 A missing, unreadable or corrupt cache file is treated as empty; one that cannot be written is left as it is.
+Entries of files that no longer exist are dropped whenever the cache is written.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def file_digests(paths: list[Path]) -> list[str]:
 
 
 def _write_cache(store: Path, cache: dict[str, dict]) -> None:
-    """Write the cache, merged with entries another process wrote meanwhile (ours win for the same file)."""
+    """Write the cache, merged with entries another process wrote meanwhile (ours win for the same file), less
+    the entries of files that no longer exist (moved or deleted models)."""
     try:
-        merged = {**_read_cache(store), **cache}
+        merged = {key: entry for key, entry in {**_read_cache(store), **cache}.items() if os.path.isfile(key)}
         with atomic_write(store, "w") as handle:
             json.dump(merged, handle)
     except OSError as err:  # a read-only home or cache folder: digests are then computed every time

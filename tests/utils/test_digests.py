@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 
@@ -102,3 +103,12 @@ def test_hidden_entries_are_not_part_of_the_model(tmp_path, cache):
     (folder / ".git" / "index").write_bytes(b"changes on every git status")
     (folder / ".gitattributes").write_text("*.bin filter=lfs")
     assert model_fingerprint(folder) == first
+
+
+def test_the_cache_forgets_files_that_are_gone(tmp_path, cache):
+    old, new = model_folder(tmp_path / "old"), model_folder(tmp_path / "new")
+    model_fingerprint(old)
+    shutil.rmtree(old)
+    (new / "unet" / "extra.bin").write_bytes(b"x")
+    model_fingerprint(new)
+    assert all("/new/" in key for key in json.loads(cache.read_text()))
