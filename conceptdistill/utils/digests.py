@@ -45,11 +45,13 @@ def _identity(stat: os.stat_result) -> list[int]:
 
 
 def file_state(path: str | os.PathLike) -> str:
-    """'size:mtime_ns:ctime_ns' of a file, for listings that stand for its content without reading it (a data
-    set's images): any write changes it, also one that restores the size and modification time (the ctime then
-    moves); so do metadata changes (chmod), which only cost a rerun. Raises OSError for a missing file."""
+    """'real path:inode:size:mtime_ns:ctime_ns' of a file, for listings that stand for its content without
+    reading it (a data set's images): any write changes it, also one that restores the size and modification
+    time (the ctime then moves), and so does a link pointed at another file or a file renamed over it, even one
+    with the same times; so do metadata changes (chmod), which only cost a rerun. Raises OSError for a missing
+    file."""
     stat = os.stat(path)
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    return f"{os.path.realpath(path)}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
 
 
 def _read_cache(path: Path) -> dict[str, dict]:

@@ -67,25 +67,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
 
 def files_under(folder: str | os.PathLike, *, skip_hidden: bool = False) -> list[Path]:
     """Every regular file under `folder`, in path order, also inside linked folders (`Path.rglob` does not
-    enter those before Python 3.13), each real folder once so that a link cycle ends. `skip_hidden` leaves out
-    entries whose name starts with "." and everything under them (.git/, .cache/, .gitattributes)."""
+    enter those before Python 3.13). A file reached by two paths (a linked folder and its target both under
+    `folder`) is listed under each: which path the loader reads is not for this walk to guess. A link back to a
+    folder the walk is inside is not followed, so a link cycle ends. `skip_hidden` leaves out entries whose name
+    starts with "." and everything under them (.git/, .cache/, .gitattributes)."""
     found: list[Path] = []
-    seen: set[Path] = set()
 
-    def walk(current: Path) -> None:
+    def walk(current: Path, inside: frozenset[Path]) -> None:
         real = current.resolve()
-        if real in seen:
+        if real in inside:
             return
-        seen.add(real)
         for path in sorted(current.iterdir(), key=lambda p: p.name):
             if skip_hidden and path.name.startswith("."):
                 continue
             if path.is_dir():
-                walk(path)
+                walk(path, inside | {real})
             elif path.is_file():
                 found.append(path)
 
-    walk(Path(folder))
+    walk(Path(folder), frozenset())
     return sorted(found)
 
 

@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(markdown(record))
+    else:
+        print("no --out given: the rows above are not written anywhere", file=sys.stderr)
     return record
 
 

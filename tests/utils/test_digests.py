@@ -112,3 +112,34 @@ def test_the_cache_forgets_files_that_are_gone(tmp_path, cache):
     (new / "unet" / "extra.bin").write_bytes(b"x")
     model_fingerprint(new)
     assert all("/new/" in key for key in json.loads(cache.read_text()))
+
+
+def test_switching_a_link_to_another_folder_under_the_model_changes_it(tmp_path, cache):
+    """unet/ linked to one of several unets kept under checkpoints/ (which sorts first): each file is listed
+    under every path that reaches it, so the unet/ link counts. (A walk that read each real folder once listed
+    both unets under checkpoints/ only, and the switch went unseen.)"""
+    folder = model_folder(tmp_path)
+    shutil.rmtree(folder / "unet")
+    for name, byte in (("unet_a", 1), ("unet_b", 2)):
+        (folder / "checkpoints" / name).mkdir(parents=True)
+        (folder / "checkpoints" / name / "weights.bin").write_bytes(bytes([byte]) * 1024)
+    (folder / "unet").symlink_to(folder / "checkpoints" / "unet_a", target_is_directory=True)
+    first = model_fingerprint(folder)
+    (folder / "unet").unlink()
+    (folder / "unet").symlink_to(folder / "checkpoints" / "unet_b", target_is_directory=True)
+    assert model_fingerprint(folder) != first
+
+
+def test_a_data_link_pointed_at_another_file_with_the_same_times_is_a_change(tmp_path, monkeypatch):
+    """Two copies made in one clock tick share size, modification and status-change times: the state still
+    tells which file a link reaches."""
+    for name in ("x.bmp", "y.bmp"):
+        (tmp_path / name).write_bytes(b"same size")
+    same = os.stat(tmp_path / "x.bmp")
+    monkeypatch.setattr(os, "stat", lambda path, *args, **kwargs: same)  # times and inode coincide
+    link = tmp_path / "image.bmp"
+    link.symlink_to(tmp_path / "x.bmp")
+    before = digests.file_state(link)
+    link.unlink()
+    link.symlink_to(tmp_path / "y.bmp")
+    assert digests.file_state(link) != before
