@@ -39,11 +39,6 @@ def scored_split(cfg) -> str:
     return "test" if "test" in splits else splits[-1]
 
 
-def evaluation_split(ctx) -> str:
-    """`scored_split` of a stage's config view."""
-    return scored_split(ctx.cfg)
-
-
 def split_label(cfg, labels: dict[str, str]) -> dict[str, str]:
     """Results-table labels of per-image stage rows, each naming the split it is scored on when that is not
     the test split (`splits` without test): those rows then stand beside the U-Nets' test-split rows."""
@@ -126,7 +121,7 @@ def evaluate_mask_stage(ctx, module) -> dict:
     if datamodule.truth is None:
         log.info("no ground truth in this data set: masks are written but not scored")
         return {}
-    split = evaluation_split(ctx)
+    split = scored_split(ctx.cfg)
     store = ctx.layout.mask_store(split)
     count = ctx.cfg.masks.figure_samples
     truth = truths_by_id(datamodule.dataset(split), images=max(count, 32))
@@ -233,7 +228,7 @@ def evaluate_inpaint_stage(ctx) -> dict:
     datamodule = ctx.datamodule
     if datamodule.truth is None:
         return {}
-    split = evaluation_split(ctx)
+    split = scored_split(ctx.cfg)
     refined, prelim = ctx.layout.inpaint_store(split), ctx.layout.mask_store(split)
     count = ctx.cfg.inpaint.figure_samples
     truth = truths_by_id(datamodule.dataset(split), images=count)

@@ -15,10 +15,10 @@ def model_fingerprint(source: str | os.PathLike, *, revision: str | None = None)
     unet/ linked into a base model): any changed weight changes it, moving the folder does not. (Hashing only
     part of each weight file missed weights edited in place at the same size.) Left out: hidden entries (.git/,
     a download's .cache/, which change without the weights) and `training.json` (a record about the model,
-    rewritten when its fidelity is re-measured); the loaders read neither. Each
-    file's digest is read once and then remembered across processes while the file stays unchanged
-    (utils/digests.py: keyed by device, inode, size, modification and status-change times): reading the whole
-    folder costs seconds for Stable Diffusion's 4-5 GB and about half a minute for FLUX's 35 GB.
+    rewritten when its fidelity is re-measured); the loaders read neither. Each file's digest is read once and
+    then remembered across processes while the file stays unchanged (utils/digests.py: keyed by device, inode,
+    size, modification and status-change times): reading the whole folder costs seconds for Stable Diffusion's
+    4-5 GB and about half a minute for FLUX's 35 GB.
 
     Raises:
         ModelNotFoundError: as `load_diffusion_parts`, when the folder or cached hub snapshot is missing.

@@ -77,7 +77,7 @@ def files_under(folder: str | os.PathLike, *, skip_hidden: bool = False) -> list
         real = current.resolve()
         if real in inside:
             return
-        for path in sorted(current.iterdir(), key=lambda p: p.name):
+        for path in current.iterdir():  # put in path order once, at the end
             if skip_hidden and path.name.startswith("."):
                 continue
             if path.is_dir():
